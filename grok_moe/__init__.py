@@ -1,0 +1,11 @@
+"""grok_moe: Grok-1-style sparse mixture-of-experts transformers in JAX/Haiku."""
+
+from grok_moe.config import BENCH, GROK_1, PRESETS, TINY, ModelConfig
+from grok_moe.errors import (CheckpointError, ConfigError, GrokMoeError, InputError,
+                             TokenizerError)
+from grok_moe.kv_cache import KVCache, init_cache
+from grok_moe.manifest import checkpoint_manifest, parameter_shapes
+from grok_moe.model import ModelOutput, Routing, forward, init_params
+from grok_moe.quant import QuantizedWeight, dequantize, quantize
+
+__version__ = "0.1.0"

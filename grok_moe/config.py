@@ -1,0 +1,151 @@
+"""Model configuration: one frozen dataclass and its named presets.
+
+Field names follow the configuration of the original Grok-1 release, so a
+config.json written by grok_moe reads like the release's own settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from grok_moe.errors import ConfigError
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and constants of a Grok-1-style MoE transformer.
+
+  Derived sizes (`ffn_size`, `num_kv_groups`, ...) are properties; impossible
+  combinations raise `ConfigError` at construction.
+  """
+
+  vocab_size: int
+  emb_size: int
+  key_size: int
+  num_q_heads: int
+  num_kv_heads: int
+  num_layers: int
+  num_experts: int
+  num_selected_experts: int
+  widening_factor: float
+  sequence_len: int
+  attn_output_multiplier: float
+  embedding_multiplier_scale: float
+  output_multiplier_scale: float = 3 ** -0.5
+  pad_token: int = 0
+  bos_token: int = 1
+  eos_token: int = 2
+  attn_logit_cap: float = 30.0
+  rms_norm_eps: float = 1e-5
+  rope_base: float = 10_000.0
+
+  def __post_init__(self):
+    positive = ("vocab_size", "emb_size", "key_size", "num_q_heads",
+                "num_kv_heads", "num_layers", "num_experts",
+                "num_selected_experts", "sequence_len")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if self.widening_factor <= 0:
+      raise ConfigError(f"widening_factor must be > 0, got {self.widening_factor}")
+    if self.num_q_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"num_q_heads ({self.num_q_heads}) must be a multiple of "
+          f"num_kv_heads ({self.num_kv_heads})")
+    if self.num_selected_experts > self.num_experts:
+      raise ConfigError(
+          f"num_selected_experts ({self.num_selected_experts}) cannot exceed "
+          f"num_experts ({self.num_experts})")
+    if self.key_size % 2:
+      raise ConfigError(f"key_size must be even for RoPE, got {self.key_size}")
+    for name in ("pad_token", "bos_token", "eos_token"):
+      token = getattr(self, name)
+      if not 0 <= token < self.vocab_size:
+        raise ConfigError(f"{name} {token} is outside the vocabulary "
+                          f"[0, {self.vocab_size})")
+
+  @property
+  def ffn_size(self) -> int:
+    """Expert hidden size: int(widening * D) * 2 // 3, rounded up to a multiple of 8."""
+    return _round_up(int(self.widening_factor * self.emb_size) * 2 // 3, 8)
+
+  @property
+  def num_kv_groups(self) -> int:
+    """Query heads that share one KV head."""
+    return self.num_q_heads // self.num_kv_heads
+
+  @property
+  def q_size(self) -> int:
+    return self.num_q_heads * self.key_size
+
+  @property
+  def kv_size(self) -> int:
+    return self.num_kv_heads * self.key_size
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+    try:
+      return cls(**values)
+    except TypeError as error:
+      raise ConfigError(f"incomplete config: {error}") from None
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2) + "\n"
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelConfig":
+    try:
+      values = json.loads(text)
+    except json.JSONDecodeError as error:
+      raise ConfigError(f"config is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+      raise ConfigError("config JSON must be an object of field: value")
+    return cls.from_dict(values)
+
+
+def _preset(emb_size: int, key_size: int, **fields: Any) -> ModelConfig:
+  """A config whose multipliers follow the Grok-1 formulas for its sizes."""
+  return ModelConfig(
+      emb_size=emb_size,
+      key_size=key_size,
+      embedding_multiplier_scale=math.sqrt(emb_size),
+      attn_output_multiplier=key_size ** -0.5,
+      **fields)
+
+
+GROK_1 = _preset(
+    vocab_size=131_072, emb_size=6144, key_size=128, num_q_heads=48,
+    num_kv_heads=8, num_layers=64, num_experts=8, num_selected_experts=2,
+    widening_factor=8, sequence_len=8192)
+
+# The speed benchmark's model (issue 7): Grok-1 proportions at width 512.
+BENCH = _preset(
+    vocab_size=4096, emb_size=512, key_size=64, num_q_heads=8, num_kv_heads=2,
+    num_layers=4, num_experts=8, num_selected_experts=2, widening_factor=8,
+    sequence_len=1024)
+
+# Tests: odd, mutually distinct sizes so that a swapped axis fails loudly.
+TINY = _preset(
+    vocab_size=97, emb_size=40, key_size=8, num_q_heads=6, num_kv_heads=2,
+    num_layers=2, num_experts=4, num_selected_experts=2, widening_factor=2.5,
+    sequence_len=64)
+
+PRESETS = {"grok-1": GROK_1, "bench": BENCH, "tiny": TINY}

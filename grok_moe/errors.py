@@ -1,0 +1,21 @@
+"""The exceptions grok_moe raises for bad input: each message says what to do."""
+
+
+class GrokMoeError(Exception):
+  """Base class of every error grok_moe raises on purpose."""
+
+
+class ConfigError(GrokMoeError, ValueError):
+  """A ModelConfig that cannot describe a model."""
+
+
+class CheckpointError(GrokMoeError):
+  """A checkpoint that is missing, unsafe, corrupt or does not fit the config."""
+
+
+class TokenizerError(GrokMoeError):
+  """A tokenizer that is missing, unreadable or does not fit the model."""
+
+
+class InputError(GrokMoeError, ValueError):
+  """Bad arguments to generation or scoring (prompt too long, temperature < 0, ...)."""

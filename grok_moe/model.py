@@ -1,0 +1,329 @@
+"""The Grok-1 forward pass as Haiku modules, with the release's parameter names.
+
+Axis letters: B batch, T new tokens, S cache slots (or keys), D model width,
+V vocabulary, H query heads, K KV heads, G query heads per KV head (H = K*G),
+d head width, L layers, k experts per token.
+
+    x = embeddings[tokens] * embedding_multiplier_scale
+    each layer:  h = x + rms_norm_1(attention(rms_norm(x)))
+                 x = h + rms_norm_3(moe(rms_norm_2(h)))
+    logits = rms_norm(x) @ embeddings.T * output_multiplier_scale
+
+Weights may be float or `quant.QuantizedWeight`; `quant.matmul` is the one
+place they are used, so the modules never ask which.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grok_moe import moe, quant
+from grok_moe.config import ModelConfig
+from grok_moe.kv_cache import KVCache
+
+MASKED_LOGIT = -1e30
+
+
+class Routing(NamedTuple):
+  expert_indices: jax.Array  # [L, B, T, k] int32
+  gates: jax.Array           # [L, B, T, k] float32 softmax probabilities
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array          # [B, T, V] float32
+  cache: KVCache | None
+  routing: Routing | None
+
+
+def _init(fan_in: int):
+  return hk.initializers.TruncatedNormal(stddev=1 / math.sqrt(fan_in))
+
+
+class RMSNorm(hk.Module):
+  """scale * x / sqrt(mean(x^2) + eps), in float32; the scale is used as is."""
+
+  def __init__(self, eps: float, name: str):
+    super().__init__(name=name)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32, init=jnp.ones)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(jnp.float32) * normed).astype(x.dtype)
+
+
+class Linear(hk.Module):
+  """x @ w without bias; w [in, out] float or int8 + scales."""
+
+  def __init__(self, output_size: int, name: str):
+    super().__init__(name=name)
+    self.output_size = output_size
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    fan_in = x.shape[-1]
+    w = hk.get_parameter("w", [fan_in, self.output_size], jnp.float32, init=_init(fan_in))
+    return quant.matmul(x, w)
+
+
+class ExpertWeights(hk.Module):
+  """The stacked weight of one of the three expert projections, [E, in, out]."""
+
+  def __init__(self, shape: tuple[int, int, int], name: str):
+    super().__init__(name=name)
+    self.shape = shape
+
+  def __call__(self) -> quant.Weight:
+    return hk.get_parameter("w", list(self.shape), jnp.float32, init=_init(self.shape[1]))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary embedding, rotate-half form. x [B, T, H, d], positions [B, T]."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [d/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq                         # [B, T, d/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]                   # [B, T, 1, d]
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)                                           # [B, T, H, d/2]
+  rotated = jnp.concatenate([-second, first], axis=-1)                                 # [B, T, H, d]
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attend(q, keys, values, mask, config: ModelConfig):
+  """Grouped-query attention with the soft logit cap.
+
+  q [B, T, H, d]; keys, values [B, S, K, d]; mask [B, T, S] -> [B, T, H*d].
+  """
+  batch, num_new, _, head_dim = q.shape
+  q = q.reshape(batch, num_new, config.num_kv_heads, config.num_kv_groups, head_dim)  # [B, T, K, G, d]
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, keys,
+                      preferred_element_type=jnp.float32)                          # [B, K, G, T, S]
+  scores = scores * config.attn_output_multiplier
+  scores = config.attn_logit_cap * jnp.tanh(scores / config.attn_logit_cap)
+  scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_LOGIT)
+  weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)                    # [B, K, G, T, S]
+  out = jnp.einsum("bkgts,bskd->btkgd", weights, values)                            # [B, T, K, G, d]
+  return out.reshape(batch, num_new, config.q_size)                                 # [B, T, H*d]
+
+
+class MultiHeadAttention(hk.Module):
+  """Grouped-query self-attention with RoPE, over the new tokens or the cache."""
+
+  def __init__(self, config: ModelConfig):
+    super().__init__(name="multi_head_attention")
+    self.config = config
+
+  def __call__(self, x, positions, token_valid, layer_cache):
+    """x [B, T, D]; positions, token_valid [B, T]; layer_cache (keys, values, valid) or None.
+
+    Returns the output [B, T, D] and the updated (keys, values) [B, S, K, d] or None.
+    """
+    cfg = self.config
+    batch, num_new, _ = x.shape
+    q = Linear(cfg.q_size, name="query")(x).reshape(
+        batch, num_new, cfg.num_q_heads, cfg.key_size)                    # [B, T, H, d]
+    k = Linear(cfg.kv_size, name="key")(x).reshape(
+        batch, num_new, cfg.num_kv_heads, cfg.key_size)                   # [B, T, K, d]
+    v = Linear(cfg.kv_size, name="value")(x).reshape(
+        batch, num_new, cfg.num_kv_heads, cfg.key_size)                   # [B, T, K, d]
+    q = apply_rope(q, positions, cfg.rope_base)
+    k = apply_rope(k, positions, cfg.rope_base)
+
+    if layer_cache is None:
+      keys, values, key_positions, key_valid = k, v, positions, token_valid
+      new_layer_cache = None
+    else:
+      cached_keys, cached_values, key_valid = layer_cache
+      rows = jnp.arange(batch)[:, None]                                   # [B, 1]
+      keys = cached_keys.at[rows, positions].set(k.astype(cached_keys.dtype), mode="drop")
+      values = cached_values.at[rows, positions].set(v.astype(cached_values.dtype), mode="drop")
+      key_positions = jnp.arange(keys.shape[1])[None, :]                  # [1, S]
+      new_layer_cache = (keys, values)
+
+    # A key is seen if it holds a real token at or before the query's position.
+    mask = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
+    out = attend(q, keys.astype(x.dtype), values.astype(x.dtype), mask, cfg)
+    return Linear(cfg.emb_size, name="linear")(out), new_layer_cache
+
+
+class Router(hk.Module):
+  """Chooses each token's experts: float32 softmax over all experts, then top-k."""
+
+  def __init__(self, config: ModelConfig):
+    super().__init__(name="router")
+    self.config = config
+
+  def __call__(self, x):
+    """x [N, D] -> gates [N, k] float32, expert_indices [N, k] int32."""
+    width, num_experts = x.shape[-1], self.config.num_experts
+    w = hk.get_parameter("w", [width, num_experts], jnp.float32, init=_init(width))
+    return moe.route(x, w, self.config.num_selected_experts)
+
+
+class MoEFeedForward(hk.Module):
+  """Top-k routed mixture of GELU-gated experts; see `moe.sparse_moe` for dispatch."""
+
+  def __init__(self, config: ModelConfig, tile_size: int | None):
+    super().__init__(name="moe")
+    self.config = config
+    self.tile_size = tile_size
+
+  def __call__(self, x, gates, expert_indices):
+    """x [N, D], gates and expert_indices [N, k] -> [N, D]."""
+    cfg = self.config
+    E, D, F = cfg.num_experts, cfg.emb_size, cfg.ffn_size
+    w_in = ExpertWeights((E, D, F), name="linear")()
+    w_v = ExpertWeights((E, D, F), name="linear_v")()
+    w_out = ExpertWeights((E, F, D), name="linear_1")()
+    return moe.sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, tile_size=self.tile_size)
+
+
+class DecoderLayer(hk.Module):
+  """Attention then mixture of experts, each wrapped in a pre- and a post-norm."""
+
+  def __init__(self, config: ModelConfig, tile_size: int | None, name: str):
+    super().__init__(name=name)
+    self.config = config
+    self.tile_size = tile_size
+
+  def __call__(self, x, positions, token_valid, layer_cache):
+    cfg = self.config
+    eps = cfg.rms_norm_eps
+    pre_attention = RMSNorm(eps, name="rms_norm")
+    post_attention = RMSNorm(eps, name="rms_norm_1")
+    pre_moe = RMSNorm(eps, name="rms_norm_2")
+    post_moe = RMSNorm(eps, name="rms_norm_3")
+
+    attention_out, new_layer_cache = MultiHeadAttention(cfg)(
+        pre_attention(x), positions, token_valid, layer_cache)
+    h = x + post_attention(attention_out)                                 # [B, T, D]
+
+    batch, num_new, width = h.shape
+    moe_in = pre_moe(h).reshape(batch * num_new, width)                    # [N, D]
+    gates, expert_indices = Router(cfg)(moe_in)
+    moe_out = MoEFeedForward(cfg, self.tile_size)(moe_in, gates, expert_indices)
+    x = h + post_moe(moe_out.reshape(batch, num_new, width))               # [B, T, D]
+    routing = (expert_indices.reshape(batch, num_new, -1), gates.reshape(batch, num_new, -1))
+    return x, new_layer_cache, routing
+
+
+class Transformer(hk.Module):
+  """The stack of decoder layers."""
+
+  def __init__(self, config: ModelConfig, tile_size: int | None):
+    super().__init__(name="transformer")
+    self.config = config
+    self.tile_size = tile_size
+
+  def __call__(self, x, positions, token_valid, cache_keys, cache_values, cache_valid):
+    """x [B, T, D] -> x [B, T, D], updated cache keys and values [L, B, S, K, d] or None,
+    and per-layer routing [L, B, T, k]."""
+    layer_indices, layer_gates = [], []
+    for layer in range(self.config.num_layers):
+      layer_cache = None
+      if cache_keys is not None:
+        layer_cache = (cache_keys[layer], cache_values[layer], cache_valid)
+      x, new_layer_cache, (indices, gates) = DecoderLayer(
+          self.config, self.tile_size, name=f"decoder_layer_{layer}")(
+              x, positions, token_valid, layer_cache)
+      if new_layer_cache is not None:
+        cache_keys = cache_keys.at[layer].set(new_layer_cache[0])
+        cache_values = cache_values.at[layer].set(new_layer_cache[1])
+      layer_indices.append(indices)
+      layer_gates.append(gates)
+    return x, cache_keys, cache_values, Routing(jnp.stack(layer_indices), jnp.stack(layer_gates))
+
+
+class InOutEmbed(hk.Module):
+  """The embedding table, shared by the input lookup and the output projection."""
+
+  def __init__(self, config: ModelConfig):
+    super().__init__(name="in_out_embed")
+    self.config = config
+
+  def __call__(self) -> jax.Array:
+    shape = [self.config.vocab_size, self.config.emb_size]
+    return hk.get_parameter("embeddings", shape, jnp.float32, init=_init(self.config.emb_size))
+
+
+class LanguageModel(hk.Module):
+  """Tied input/output embeddings and the final norm around the transformer."""
+
+  def __init__(self, config: ModelConfig, transformer: Transformer):
+    super().__init__(name="language_model")
+    self.config = config
+    self.transformer = transformer
+
+  def __call__(self, tokens, positions, cache: KVCache | None, dtype) -> ModelOutput:
+    cfg = self.config
+    token_valid = tokens > cfg.pad_token                                          # [B, T]
+    if positions is None:
+      start = 0 if cache is None else cache.lengths[:, None]
+      positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]   # [B, T]
+
+    embeddings = InOutEmbed(cfg)()                                                # [V, D]
+    x = embeddings.astype(dtype)[tokens] * jnp.asarray(cfg.embedding_multiplier_scale, dtype)  # [B, T, D]
+
+    if cache is None:
+      x, _, _, routing = self.transformer(x, positions, token_valid, None, None, None)
+      new_cache = None
+    else:
+      rows = jnp.arange(tokens.shape[0])[:, None]                                 # [B, 1]
+      valid = cache.valid.at[rows, positions].set(token_valid, mode="drop")       # [B, S]
+      x, keys, values, routing = self.transformer(
+          x, positions, token_valid, cache.keys, cache.values, valid)
+      ends = jnp.max(jnp.where(token_valid, positions + 1, 0), axis=1)            # [B]
+      new_cache = KVCache(keys=keys, values=values, valid=valid,
+                          lengths=jnp.maximum(cache.lengths, ends).astype(jnp.int32))
+
+    x = RMSNorm(cfg.rms_norm_eps, name="rms_norm")(x)
+    logits = jnp.einsum("btd,vd->btv", x, embeddings.astype(dtype),
+                        preferred_element_type=jnp.float32)                       # [B, T, V]
+    return ModelOutput(logits * cfg.output_multiplier_scale, new_cache, routing)
+
+
+def _dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+@functools.lru_cache(maxsize=None)
+def _transformed(config: ModelConfig, dtype_name: str, tile_size: int | None):
+  def model_fn(tokens, positions=None, cache=None):
+    # The transformer is built outside language_model so that its parameters
+    # are named "transformer/..." at the top level, as in the release.
+    transformer = Transformer(config, tile_size)
+    return LanguageModel(config, transformer)(tokens, positions, cache, jnp.dtype(dtype_name))
+  return hk.without_apply_rng(hk.transform(model_fn))
+
+
+def init_params(config: ModelConfig, seed: int = 0):
+  """Random float32 parameters with the release's names and shapes."""
+  tokens = jnp.ones((1, 1), jnp.int32)
+  return _transformed(config, "float32", None).init(jax.random.PRNGKey(seed), tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "return_routing", "tile_size"))
+def _forward(params, tokens, positions, cache, *, config, dtype, return_routing, tile_size):
+  out = _transformed(config, dtype, tile_size).apply(params, tokens, positions, cache)
+  return out if return_routing else out._replace(routing=None)
+
+
+def forward(params, tokens, config: ModelConfig, *, dtype=jnp.bfloat16, positions=None,
+            cache: KVCache | None = None, return_routing: bool = False,
+            tile_size: int | None = None) -> ModelOutput:
+  """Logits of `tokens` [B, T] (and the updated cache, and the routing when asked).
+
+  Without a cache every row attends to its own tokens; with one, the new
+  tokens are written at their positions (default: each row's `lengths`
+  onwards) and attend to everything cached before them. Token `pad_token` is
+  never attended to. Activations are in `dtype` (bfloat16 or float32); the
+  router, norms, softmax and logits are float32.
+  """
+  return _forward(params, jnp.asarray(tokens, jnp.int32), positions, cache, config=config,
+                  dtype=_dtype_name(dtype), return_routing=return_routing, tile_size=tile_size)
