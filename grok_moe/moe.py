@@ -64,63 +64,51 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
   Algorithm (A = N*k assignments, C rows a tile):
     1. Flatten the (token, expert, gate) assignments and sort them by expert
        (stable, so tokens keep their order within an expert).
-    2. Give each expert ceil(count_e / C) tiles; every tile holds rows of one
-       expert only. At most (A + E*(C-1)) // C tiles exist: a static bound.
-    3. `lax.scan` over the tiles: gather the tile's tokens, run that expert's
-       FFN on them (its int8 weights dequantized there, for that tile only),
-       and skip the unused tiles at the end with `lax.cond`, so an expert no
-       token chose is never read.
-    4. Scale each row by its gate and scatter-add the rows back onto their
-       tokens (undoing the sort).
+    2. `lax.scan` over the experts. An expert no token chose is skipped with
+       `lax.cond`, so its weights are never read; otherwise its int8 weights
+       are dequantized once and its rows run in tiles of C rows
+       (ceil(count / C) tiles, a loop with a data-dependent trip count).
+    3. Each tile gathers its tokens, runs the expert's FFN, scales the rows by
+       their gates and scatter-adds them back onto their tokens, undoing the
+       sort. Padding rows of the last tile carry gate 0.
+  Work: about A + E*C/2 rows of FFN instead of the dense N*E.
   """
   num_tokens, width = x.shape
   k = expert_indices.shape[-1]
   num_experts = w_in.shape[0]
   num_assignments = num_tokens * k
   tile = _tile_size_for(num_assignments, tile_size)
-  max_tiles = (num_assignments + num_experts * (tile - 1)) // tile
 
   # 1. Sort assignments by expert.
   flat_experts = expert_indices.reshape(num_assignments)                       # [A]
   flat_tokens = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)         # [A]
-  flat_gates = gates.reshape(num_assignments)                                  # [A]
   order = jnp.argsort(flat_experts, stable=True)                               # [A]
   sorted_tokens = flat_tokens[order]                                           # [A]
-  sorted_gates = flat_gates[order]                                             # [A]
-
-  # 2. Tiles per expert and where each expert's rows and tiles start.
+  sorted_gates = gates.reshape(num_assignments)[order]                         # [A]
   counts = jnp.bincount(flat_experts, length=num_experts)                      # [E]
-  tiles_per_expert = -(-counts // tile)                                        # [E]
-  tile_end = jnp.cumsum(tiles_per_expert)                                      # [E]
-  tile_begin = tile_end - tiles_per_expert                                     # [E]
   row_begin = jnp.cumsum(counts) - counts                                      # [E]
-  used_tiles = tile_end[-1]
 
-  tile_ids = jnp.arange(max_tiles)                                             # [T]
-  tile_expert = jnp.minimum(
-      jnp.searchsorted(tile_end, tile_ids, side="right"), num_experts - 1)     # [T]
-  within = (tile_ids - tile_begin[tile_expert])[:, None] * tile + jnp.arange(tile)  # [T, C]
-  row_valid = (within < counts[tile_expert][:, None]) & (tile_ids < used_tiles)[:, None]
-  rows = jnp.where(row_valid, row_begin[tile_expert][:, None] + within, 0)     # [T, C]
-  row_tokens = sorted_tokens[rows]                                             # [T, C]
-  row_gates = jnp.where(row_valid, sorted_gates[rows], 0.0)                    # [T, C]
+  # 2.-3. One expert at a time, its rows in tiles.
+  def run_expert(out, expert):
+    count = counts[expert]
 
-  # 3. One expert per tile.
-  def run_tile(_, tile_inputs):
-    tile_id, expert, tokens = tile_inputs
+    def process(out):
+      expert_weights = [quant.dequantize(quant.take(w, expert), x.dtype)
+                        for w in (w_in, w_v, w_out)]                           # [D, F], [D, F], [F, D]
 
-    def compute():
-      return expert_ffn(x[tokens], quant.take(w_in, expert), quant.take(w_v, expert),
-                        quant.take(w_out, expert))                             # [C, D]
+      def run_tile(tile_index, out):
+        within = tile_index * tile + jnp.arange(tile)                          # [C]
+        valid = within < count                                                 # [C]
+        rows = jnp.where(valid, row_begin[expert] + within, 0)                 # [C]
+        tokens = sorted_tokens[rows]                                           # [C]
+        row_gates = jnp.where(valid, sorted_gates[rows], 0.0)                  # [C]
+        y = expert_ffn(x[tokens], *expert_weights)                             # [C, D]
+        return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
 
-    y = jax.lax.cond(tile_id < used_tiles, compute,
-                     lambda: jnp.zeros((tile, width), x.dtype))
-    return None, y
+      return jax.lax.fori_loop(0, -(-count // tile), run_tile, out)
 
-  _, tile_outputs = jax.lax.scan(run_tile, None, (tile_ids, tile_expert, row_tokens))  # [T, C, D]
+    return jax.lax.cond(count > 0, process, lambda out: out, out), None
 
-  # 4. Gate and scatter back.
-  weighted = tile_outputs.astype(jnp.float32) * row_gates[..., None]          # [T, C, D]
-  out = jnp.zeros((num_tokens, width), jnp.float32).at[row_tokens.reshape(-1)].add(
-      weighted.reshape(-1, width))                                             # [N, D]
+  out, _ = jax.lax.scan(run_expert, jnp.zeros((num_tokens, width), jnp.float32),
+                        jnp.arange(num_experts))                               # [N, D]
   return out.astype(x.dtype)
