@@ -67,7 +67,7 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
     2. `lax.scan` over the experts. An expert no token chose is skipped with
        `lax.cond`, so its weights are never read; otherwise its int8 weights
        are dequantized once and its rows run in tiles of C rows
-       (ceil(count / C) tiles, a loop with a data-dependent trip count).
+       (ceil(count / C) tiles; the loop's static bound is ceil(N / C)).
     3. Each tile gathers its tokens, runs the expert's FFN, scales the rows by
        their gates and scatter-adds them back onto their tokens, undoing the
        sort. Padding rows of the last tile carry gate 0.
@@ -88,7 +88,12 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
   counts = jnp.bincount(flat_experts, length=num_experts)                      # [E]
   row_begin = jnp.cumsum(counts) - counts                                      # [E]
 
-  # 2.-3. One expert at a time, its rows in tiles.
+  # 2.-3. One expert at a time, its rows in tiles. An expert has at most N
+  # rows (a token picks distinct experts), so ceil(N / C) tiles bound the loop
+  # statically; tiles past the expert's own count are skipped. The static
+  # bound keeps the loop reverse-differentiable (for training the demo).
+  max_tiles = -(-num_tokens // tile)
+
   def run_expert(out, expert):
     count = counts[expert]
 
@@ -96,16 +101,20 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
       expert_weights = [quant.dequantize(quant.take(w, expert), x.dtype)
                         for w in (w_in, w_v, w_out)]                           # [D, F], [D, F], [F, D]
 
-      def run_tile(tile_index, out):
-        within = tile_index * tile + jnp.arange(tile)                          # [C]
-        valid = within < count                                                 # [C]
-        rows = jnp.where(valid, row_begin[expert] + within, 0)                 # [C]
-        tokens = sorted_tokens[rows]                                           # [C]
-        row_gates = jnp.where(valid, sorted_gates[rows], 0.0)                  # [C]
-        y = expert_ffn(x[tokens], *expert_weights)                             # [C, D]
-        return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
+      def run_tile(out, tile_index):
+        def compute(out):
+          within = tile_index * tile + jnp.arange(tile)                        # [C]
+          valid = within < count                                               # [C]
+          rows = jnp.where(valid, row_begin[expert] + within, 0)               # [C]
+          tokens = sorted_tokens[rows]                                         # [C]
+          row_gates = jnp.where(valid, sorted_gates[rows], 0.0)                # [C]
+          y = expert_ffn(x[tokens], *expert_weights)                           # [C, D]
+          return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
 
-      return jax.lax.fori_loop(0, -(-count // tile), run_tile, out)
+        return jax.lax.cond(tile_index * tile < count, compute, lambda out: out, out), None
+
+      out, _ = jax.lax.scan(run_tile, out, jnp.arange(max_tiles))
+      return out
 
     return jax.lax.cond(count > 0, process, lambda out: out, out), None
 

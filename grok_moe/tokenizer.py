@@ -1,0 +1,94 @@
+"""The SentencePiece tokenizer, with clear errors, and text that streams cleanly."""
+
+from __future__ import annotations
+
+import os
+
+import sentencepiece as spm
+
+from grok_moe.config import ModelConfig
+from grok_moe.errors import TokenizerError
+
+
+class Tokenizer:
+  """A SentencePiece model. Prompts are encoded without BOS, as the release does."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    if not os.path.isfile(self.path):
+      raise TokenizerError(f"tokenizer not found: {self.path}; pass the path of a "
+                           "SentencePiece tokenizer.model (--tokenizer)")
+    self.processor = spm.SentencePieceProcessor()
+    try:
+      self.processor.Load(self.path)
+    except (OSError, RuntimeError) as error:
+      raise TokenizerError(f"cannot read tokenizer {self.path}: it is not a SentencePiece "
+                           f"model ({str(error).splitlines()[0]})") from None
+
+  @property
+  def vocab_size(self) -> int:
+    return self.processor.GetPieceSize()
+
+  def check_fits(self, config: ModelConfig) -> None:
+    """Raise TokenizerError if the tokenizer can produce ids the model does not have."""
+    if self.vocab_size > config.vocab_size:
+      raise TokenizerError(
+          f"tokenizer {self.path} has {self.vocab_size} pieces but the model's vocabulary "
+          f"is {config.vocab_size}; use the tokenizer the checkpoint was trained with")
+
+  def encode(self, text: str) -> list[int]:
+    return list(self.processor.EncodeAsIds(text))
+
+  def decode(self, ids) -> str:
+    return self.processor.DecodeIds([int(i) for i in ids])
+
+  def piece(self, token_id: int) -> str:
+    return self.processor.IdToPiece(int(token_id))
+
+
+class TextStream:
+  """Turns generated ids into text pieces as they come, and stops at stop strings.
+
+  SentencePiece text depends on neighbouring pieces (leading spaces, bytes of
+  one UTF-8 character), so the whole row is decoded each step and only the new
+  suffix is released. Text that could still become a stop string, or ends in
+  an incomplete character, is held back until it is decided.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+    self.tokenizer = tokenizer
+    self.stop = tuple(s for s in stop if s)
+    self.ids: list[int] = []
+    self.released = 0
+    self.stopped = False
+
+  def add(self, token_id: int) -> str:
+    """Adds one id; returns the text now safe to show (possibly empty)."""
+    self.ids.append(int(token_id))
+    text = self.tokenizer.decode(self.ids)
+    for stop in self.stop:
+      at = text.find(stop)
+      if at >= 0:
+        self.stopped = True
+        return self._release(text[:at], len(text[:at]))
+    safe = len(text)
+    if text.endswith("\ufffd"):
+      safe -= 1
+    for stop in self.stop:
+      for size in range(min(len(stop) - 1, safe), 0, -1):
+        if text[safe - size:safe] == stop[:size]:
+          safe -= size
+          break
+    return self._release(text, safe)
+
+  def finish(self) -> str:
+    """The held-back text once the row has ended without a stop string."""
+    if self.stopped:
+      return ""
+    text = self.tokenizer.decode(self.ids)
+    return self._release(text, len(text))
+
+  def _release(self, text: str, upto: int) -> str:
+    piece = text[self.released:upto] if upto > self.released else ""
+    self.released = max(self.released, upto)
+    return piece
