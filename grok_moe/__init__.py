@@ -1,5 +1,8 @@
 """grok_moe: Grok-1-style sparse mixture-of-experts transformers in JAX/Haiku."""
 
+from grok_moe.api import GenerationStats, Model
+from grok_moe.checkpoint import (checkpoint_config, load_checkpoint, quantize_params,
+                                 save_checkpoint)
 from grok_moe.config import BENCH, GROK_1, PRESETS, TINY, ModelConfig
 from grok_moe.errors import (CheckpointError, ConfigError, GrokMoeError, InputError,
                              TokenizerError)
@@ -7,5 +10,7 @@ from grok_moe.kv_cache import KVCache, init_cache
 from grok_moe.manifest import checkpoint_manifest, parameter_shapes
 from grok_moe.model import ModelOutput, Routing, forward, init_params
 from grok_moe.quant import QuantizedWeight, dequantize, quantize
+from grok_moe.sampling import SamplingConfig
+from grok_moe.tokenizer import Tokenizer
 
 __version__ = "0.1.0"

@@ -60,16 +60,19 @@ def bucket(length: int, limit: int) -> int:
   return min(limit, max(MIN_BUCKET, 1 << max(0, length - 1).bit_length()))
 
 
-def sample_logits(logits, key, temperature, top_p, top_k):
+def sample_logits(logits, key, temperature, top_p, top_k, vocab_limit=None):
   """Next tokens [B] from logits [B, V], all in float32.
 
-  Temperature scales the logits; top-k keeps the k largest; top-p keeps the
+  Only ids below `vocab_limit` (the tokenizer's size, when the model's
+  vocabulary is larger) can be drawn. Temperature scales the logits; top-k keeps the k largest; top-p keeps the
   smallest set of most likely tokens whose probability reaches top_p (always
   at least the most likely one); then one categorical draw per row.
   temperature == 0 returns the argmax.
   """
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
+  if vocab_limit is not None:
+    logits = jnp.where(jnp.arange(vocab) < vocab_limit, logits, -jnp.inf)
   scaled = logits / jnp.maximum(temperature, 1e-6)
   descending = -jnp.sort(-scaled, axis=-1)                                     # [B, V]
   kth_largest = descending[:, jnp.clip(top_k - 1, 0, vocab - 1)][:, None]      # [B, 1]
@@ -85,17 +88,17 @@ def sample_logits(logits, key, temperature, top_p, top_k):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
-def _prefill(params, tokens, cache, last_index, key, temperature, top_p, top_k, *, config, dtype):
+def _prefill(params, tokens, cache, last_index, key, settings, *, config, dtype):
   out = model.forward(params, tokens, config, dtype=dtype, cache=cache)
   last_logits = jnp.take_along_axis(out.logits, last_index[:, None, None], axis=1)[:, 0]  # [B, V]
-  return sample_logits(last_logits, key, temperature, top_p, top_k), last_logits, out.cache
+  return sample_logits(last_logits, key, *settings), last_logits, out.cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
-def _decode_step(params, tokens, cache, key, temperature, top_p, top_k, *, config, dtype):
+def _decode_step(params, tokens, cache, key, settings, *, config, dtype):
   out = model.forward(params, tokens[:, None], config, dtype=dtype, cache=cache)
   logits = out.logits[:, 0]                                                    # [B, V]
-  return sample_logits(logits, key, temperature, top_p, top_k), logits, out.cache
+  return sample_logits(logits, key, *settings), logits, out.cache
 
 
 @dataclasses.dataclass
@@ -128,9 +131,12 @@ def check_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
 
 
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
-             sampling: SamplingConfig, *, dtype=jnp.bfloat16,
-             truncate: bool = False) -> Iterator[Step]:
+             sampling: SamplingConfig, *, dtype=jnp.bfloat16, truncate: bool = False,
+             vocab_limit: int | None = None) -> Iterator[Step]:
   """Yields one `Step` per new token for a batch of prompts (lists of token ids).
+
+  `vocab_limit` keeps the draws below the tokenizer's size when the model's
+  vocabulary is larger.
 
   A row stops after EOS (which is yielded, flagged active, and ends the row) or
   when its context is full; the generator ends when every row has stopped or
@@ -151,12 +157,12 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
     tokens[row, :len(prompt)] = prompt
 
   settings = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
-              jnp.int32(sampling.top_k))
+              jnp.int32(sampling.top_k), jnp.int32(vocab_limit or config.vocab_size))
   base_key = jax.random.PRNGKey(sampling.seed)
   cache = init_cache(config, batch, cache_len, dtype)
   next_tokens, logits, cache = _prefill(
       params, tokens, cache, jnp.asarray(lengths - 1), jax.random.fold_in(base_key, 0),
-      *settings, config=config, dtype=dtype)
+      settings, config=config, dtype=dtype)
 
   active = np.ones(batch, bool)
   positions = lengths.copy()  # where each row's next token goes
@@ -169,5 +175,5 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
     feed = np.where(active, new, config.pad_token).astype(np.int32)
     positions += active
     next_tokens, logits, cache = _decode_step(
-        params, feed, cache, jax.random.fold_in(base_key, step), *settings,
+        params, feed, cache, jax.random.fold_in(base_key, step), settings,
         config=config, dtype=dtype)

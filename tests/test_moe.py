@@ -1,0 +1,146 @@
+"""moe.sparse_moe and moe.dense_moe against a plain NumPy loop over experts; moe.route.
+
+Sizes are odd and distinct (D 24, F 40, E 5) so that a swapped axis fails.
+Relative error is max|a - b| / max|b|.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grok_moe import moe
+from tests import helpers, oracle
+
+D, F, E = 24, 40, 5
+# float32 (unit roundoff 6e-8) against the float64 loop: sums of 24 and 40
+# terms and a gate-weighted sum of k, measured at ~1e-7 relative; 1e-5 leaves
+# 100x room, while a wrong expert, gate, row or scale block is O(1).
+LOOP_TOLERANCE = 1e-5
+# sparse vs dense: the same float32 expert computation in a different order
+# (tiles, gate-weighted sums); each is within ~4e-7 of the float64 loop
+# (measured), so they differ by at most ~8e-7: 2e-6 leaves room for that.
+DENSE_TOLERANCE = 2e-6
+
+sparse_jit = jax.jit(moe.sparse_moe, static_argnames="tile_size")
+dense_jit = jax.jit(moe.dense_moe)
+
+
+def _expert_weights(layout: str, seed: int):
+  """w_in, w_v [E, D, F] and w_out [E, F, D] in `layout` (see helpers.LAYOUTS)."""
+  rng = np.random.default_rng(seed)
+  names = ("moe/linear/w", "moe/linear_v/w", "moe/linear_1/w")
+  shapes = ((E, D, F), (E, D, F), (E, F, D))
+  return [helpers.random_weight(rng, shape, helpers.row_blocks(name, layout), gain=1.5)
+          for name, shape in zip(names, shapes)]
+
+
+def _routing(rng, num_tokens: int, k: int, unused_expert: int | None):
+  """Random distinct experts per token (never `unused_expert`) and gates in (0, 1)."""
+  scores = rng.random((num_tokens, E))
+  if unused_expert is not None:
+    scores[:, unused_expert] = -1.0
+  indices = np.argsort(-scores, axis=-1)[:, :k].astype(np.int32)
+  gates = rng.uniform(0.05, 0.6, size=(num_tokens, k)).astype(np.float32)
+  return gates, indices
+
+
+def loop_moe(x, gates, indices, w_in, w_v, w_out):
+  """The reference: for each expert, its tokens through its FFN, times their gates (float64)."""
+  w_in, w_v, w_out = (oracle.dense_weight(w) for w in (w_in, w_v, w_out))
+  x = np.asarray(x, np.float64)
+  out = np.zeros_like(x)
+  for e in range(w_in.shape[0]):
+    tokens, slot = np.nonzero(indices == e)                 # the (token, slot) pairs choosing e
+    if tokens.size == 0:
+      continue
+    xe = x[tokens]                                          # [n_e, D]
+    ye = (oracle.gelu_tanh(xe @ w_in[e]) * (xe @ w_v[e])) @ w_out[e]
+    np.add.at(out, tokens, gates[tokens, slot][:, None] * ye)
+  return out
+
+
+# Every token count, top-1 and top-2 in each weight layout, the default tile
+# and tiles of 1, 3, 8 and one larger than all assignments, and experts that
+# no token chooses; each case compiles, so the set is small.
+CASES = (
+    # (tokens, k, tile_size, layout, unused expert)
+    (1, 1, None, "release", None),
+    (2, 2, None, "swapped", None),
+    (7, 2, 3, "float", 3),
+    (64, 1, 8, "swapped", None),
+    (64, 2, 1, "release", None),
+    (300, 2, None, "release", 0),
+    (300, 1, 1000, "float", None),
+)
+
+
+@pytest.mark.parametrize("num_tokens,k,tile_size,layout,unused_expert", CASES)
+def test_sparse_matches_loop_and_dense(num_tokens, k, tile_size, layout, unused_expert):
+  rng = np.random.default_rng(num_tokens * 10 + k)
+  x = rng.normal(size=(num_tokens, D)).astype(np.float32)
+  gates, indices = _routing(rng, num_tokens, k, unused_expert)
+  weights = _expert_weights(layout, seed=k)
+  expected = loop_moe(x, gates, indices, *weights)
+  # The reference is not degenerate (outputs here are ~0.05 .. 1); a library
+  # returning zeros already fails the relative error with 1.0.
+  assert np.max(np.abs(expected)) > 0.01
+
+  sparse = np.asarray(sparse_jit(x, gates, indices, *weights, tile_size=tile_size))
+  dense = np.asarray(dense_jit(x, gates, indices, *weights))
+  assert sparse.shape == dense.shape == (num_tokens, D)
+  assert helpers.relative_error(sparse, expected) < LOOP_TOLERANCE
+  assert helpers.relative_error(dense, expected) < LOOP_TOLERANCE
+  assert helpers.relative_error(sparse, dense) < DENSE_TOLERANCE
+
+
+def _numpy_route(x, router_w, k):
+  logits = np.asarray(x, np.float64) @ np.asarray(router_w, np.float64)   # [N, E]
+  probs = oracle.softmax(logits, axis=-1)
+  order = np.argsort(-probs, axis=-1, kind="stable")                      # ties: lower index first
+  return probs, order
+
+
+@pytest.mark.parametrize("k", [1, 2, E])
+def test_route_matches_numpy_softmax_top_k(k):
+  rng = np.random.default_rng(k)
+  x = rng.normal(size=(50, D)).astype(np.float32)
+  router_w = rng.normal(0, D ** -0.5, size=(D, E)).astype(np.float32)
+  gates, indices = moe.route(jnp.asarray(x), jnp.asarray(router_w), k)
+  assert gates.dtype == jnp.float32 and indices.dtype == jnp.int32
+  assert gates.shape == indices.shape == (50, k)
+
+  probs, order = _numpy_route(x, router_w, k)
+  # float32 routing can only differ from float64 at near-ties (gaps ~1e-7):
+  # these inputs keep every gap among the top k+1 above 1e-5.
+  top = np.take_along_axis(probs, order[:, : k + 1], axis=-1)
+  assert np.min(top[:, :-1] - top[:, 1:]) > 1e-5
+  np.testing.assert_array_equal(np.asarray(indices), order[:, :k])
+  # Gates are the softmax over all E experts, not renormalised over the k.
+  np.testing.assert_allclose(np.asarray(gates), probs[np.arange(50)[:, None], order[:, :k]],
+                             rtol=0, atol=1e-6)
+  sums = np.asarray(gates).sum(-1)
+  if k < E:
+    assert np.all(sums < 1 - 1e-3)
+  else:
+    np.testing.assert_allclose(sums, 1.0, atol=1e-6)
+
+
+def test_route_breaks_exact_ties_to_the_lower_index():
+  # One-hot tokens make the router logits exactly the rows of router_w.
+  router_w = np.array([[0.1, 2.0, 0.5, 2.0, 1.0],    # experts 1 and 3 tie for first
+                       [3.0, 0.5, 1.0, 0.5, 1.0],    # 0 first; 2 and 4 tie for second
+                       [1.0, 1.0, 1.0, 1.0, 1.0]],   # all equal
+                      np.float32)
+  x = np.eye(3, D, dtype=np.float32)                 # token i picks router_w row i
+  router = np.zeros((D, E), np.float32)
+  router[:3] = router_w
+  expected = {1: [[1], [0], [0]], 2: [[1, 3], [0, 2], [0, 1]], 3: [[1, 3, 4], [0, 2, 4], [0, 1, 2]]}
+  for k, want in expected.items():
+    gates, indices = moe.route(jnp.asarray(x), jnp.asarray(router), k)
+    np.testing.assert_array_equal(np.asarray(indices), want, err_msg=f"k={k}")
+  gates, _ = moe.route(jnp.asarray(x), jnp.asarray(router), 2)
+  assert float(gates[0, 0]) == float(gates[0, 1])    # the tied pair has equal gates

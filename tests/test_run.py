@@ -1,0 +1,106 @@
+"""run.py end to end in a subprocess, on a tiny checkpoint and tokenizer made here."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import sentencepiece as spm
+
+import grok_moe
+from grok_moe import manifest
+from tests.helpers import random_params
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TEXT = ["ROMEO: But soft, what light through yonder window breaks?",
+        "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
+        "It is the east, and Juliet is the sun."] * 20
+
+
+def train_tokenizer(path: pathlib.Path, extra_pieces: int = 0) -> int:
+  """A char-level tokenizer of TEXT (about 35 pieces) plus `extra_pieces` unused ones."""
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(TEXT), model_prefix=str(path.with_suffix("")),
+      model_type="char", pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1,
+      user_defined_symbols=[f"<extra{i}>" for i in range(extra_pieces)], minloglevel=2)
+  return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> pathlib.Path:
+  root = tmp_path_factory.mktemp("run")
+  checkpoint = root / "tiny"
+  config = grok_moe.TINY.replace(sequence_len=32)
+  grok_moe.save_checkpoint(manifest.unflatten(random_params(config, "release", seed=1)),
+                           checkpoint, config)
+  assert train_tokenizer(checkpoint / "tokenizer.model") < config.vocab_size
+  assert train_tokenizer(root / "wide.model", extra_pieces=config.vocab_size) > config.vocab_size
+  return checkpoint
+
+
+def run(*args, stdin: str = "") -> subprocess.CompletedProcess:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(REPO / "run.py"), *args], input=stdin,
+                        capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+
+
+def test_completes_a_prompt_and_reports_speed(tiny_checkpoint):
+  result = run("--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO:",
+               "--max-new-tokens", "8", "--temperature", "0")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("ROMEO:")
+  assert len(result.stdout) > len("ROMEO:\n")
+  assert "tokens/s" in result.stderr and "loaded in" in result.stderr
+  again = run("--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO:",
+              "--max-new-tokens", "8", "--temperature", "0")
+  assert again.stdout == result.stdout  # greedy is deterministic
+
+
+def test_prompt_from_stdin_and_empty_prompt_starts_from_bos(tiny_checkpoint):
+  result = run("--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "4", stdin="")
+  assert result.returncode == 0, result.stderr
+
+
+def test_truncate_keeps_the_end_of_a_long_prompt(tiny_checkpoint):
+  long_prompt = "Juliet is the sun. " * 5   # ~95 characters: longer than the 32-token context
+  result = run("--checkpoint", str(tiny_checkpoint), "--prompt", long_prompt,
+               "--max-new-tokens", "3", "--truncate")
+  assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda ckpt, root: ["--prompt", "Juliet is the sun. " * 5], "--truncate"),
+    (lambda ckpt, root: ["--prompt", "x", "--temperature", "-1"], "temperature"),
+    (lambda ckpt, root: ["--prompt", "x", "--top-p", "0"], "top_p"),
+    (lambda ckpt, root: ["--prompt", "x", "--top-p", "1.5"], "top_p"),
+    (lambda ckpt, root: ["--prompt", "x", "--tokenizer", str(root / "missing.model")],
+     "tokenizer not found"),
+    (lambda ckpt, root: ["--prompt", "x", "--tokenizer", str(ckpt / "config.json")],
+     "not a SentencePiece model"),
+    (lambda ckpt, root: ["--prompt", "x", "--tokenizer", str(root / "wide.model")],
+     "vocabulary"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(tiny_checkpoint, make_args, message):
+  root = tiny_checkpoint.parent
+  result = run("--checkpoint", str(tiny_checkpoint), *make_args(tiny_checkpoint, root))
+  assert result.returncode == 2
+  # Progress lines ("loading ...", "loaded in ...") may come first; the error is one line.
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0], result.stderr
+  assert result.stderr.rstrip().endswith(errors[0])
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_checkpoint(tmp_path):
+  result = run("--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x")
+  assert result.returncode == 2
+  assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_explains_the_options():
+  result = run("--help")
+  assert result.returncode == 0
+  for option in ("--prompt", "--checkpoint", "--tokenizer", "--config", "--max-new-tokens",
+                 "--temperature", "--top-p", "--top-k", "--seed", "--dtype", "--truncate"):
+    assert option in result.stdout
