@@ -22,8 +22,9 @@ from typing import NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from grok_moe import moe, quant
+from grok_moe import manifest, moe, quant
 from grok_moe.config import ModelConfig
 from grok_moe.kv_cache import KVCache
 
@@ -43,6 +44,16 @@ class ModelOutput(NamedTuple):
 
 def _init(fan_in: int):
   return hk.initializers.TruncatedNormal(stddev=1 / math.sqrt(fan_in))
+
+
+def _truncated_normal(rng: np.random.Generator, shape, stddev: float) -> np.ndarray:
+  """Normal cut at 2 standard deviations, rescaled to `stddev` (as hk.initializers.TruncatedNormal)."""
+  unit = rng.standard_normal(shape, dtype=np.float32)
+  outside = np.abs(unit) > 2
+  while outside.any():  # redraw the values past the cut
+    unit[outside] = rng.standard_normal(int(outside.sum()), dtype=np.float32)
+    outside = np.abs(unit) > 2
+  return unit * np.float32(stddev / 0.87962566103423978)  # the std of a unit normal cut at +-2
 
 
 class RMSNorm(hk.Module):
@@ -302,10 +313,29 @@ def _transformed(config: ModelConfig, dtype_name: str, tile_size: int | None):
   return hk.without_apply_rng(hk.transform(model_fn))
 
 
+def abstract_params(config: ModelConfig):
+  """The parameter tree the Haiku modules create, as ShapeDtypeStructs (no weights, no compute)."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(_transformed(config, "float32", None).init, jax.random.PRNGKey(0), tokens)
+
+
 def init_params(config: ModelConfig, seed: int = 0):
-  """Random float32 parameters with the release's names and shapes."""
-  tokens = jnp.ones((1, 1), jnp.int32)
-  return _transformed(config, "float32", None).init(jax.random.PRNGKey(seed), tokens)
+  """Random float32 parameters with the release's names and shapes.
+
+  Norm scales are 1; every other tensor is truncated normal with standard
+  deviation 1/sqrt(fan_in) (the input width: D for the embeddings and the
+  router), as the modules' own initializers. Built tensor by tensor, without
+  tracing the model.
+  """
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for name, shape in sorted(manifest.parameter_shapes(config).items()):
+    if name.endswith("/scale"):
+      flat[name] = jnp.ones(shape, jnp.float32)
+      continue
+    fan_in = shape[-1] if name.endswith("embeddings") else shape[-2]
+    flat[name] = jnp.asarray(_truncated_normal(rng, shape, 1 / math.sqrt(fan_in)))
+  return manifest.unflatten(flat)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "return_routing", "tile_size"))
