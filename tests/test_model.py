@@ -6,7 +6,6 @@ import json
 import math
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
