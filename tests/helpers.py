@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import math
 
+import pathlib
+
 import ml_dtypes
 import numpy as np
+import sentencepiece as spm
 
 from grok_moe import manifest
 from grok_moe.quant import QuantizedWeight
@@ -122,3 +125,18 @@ def relative_error(actual, expected) -> float:
   expected = np.asarray(expected, np.float64)
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
+
+
+TOKENIZER_TEXT = ["ROMEO: But soft, what light through yonder window breaks?",
+                  "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
+                  "It is the east, and Juliet is the sun."] * 20
+
+
+def train_char_tokenizer(path: pathlib.Path, extra_pieces: int = 0) -> int:
+  """A char-level SentencePiece model of TOKENIZER_TEXT (about 35 pieces; pad 0, bos 1,
+  eos 2, unk 3) plus `extra_pieces` unused pieces, written to `path`; returns its size."""
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(TOKENIZER_TEXT), model_prefix=str(path.with_suffix("")),
+      model_type="char", pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1,
+      user_defined_symbols=[f"<extra{i}>" for i in range(extra_pieces)], minloglevel=2)
+  return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()

@@ -6,25 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import sentencepiece as spm
 
 import grok_moe
 from grok_moe import manifest
-from tests.helpers import random_params
+from tests.helpers import random_params, train_char_tokenizer as train_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TEXT = ["ROMEO: But soft, what light through yonder window breaks?",
-        "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",
-        "It is the east, and Juliet is the sun."] * 20
-
-
-def train_tokenizer(path: pathlib.Path, extra_pieces: int = 0) -> int:
-  """A char-level tokenizer of TEXT (about 35 pieces) plus `extra_pieces` unused ones."""
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(TEXT), model_prefix=str(path.with_suffix("")),
-      model_type="char", pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1,
-      user_defined_symbols=[f"<extra{i}>" for i in range(extra_pieces)], minloglevel=2)
-  return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,64 @@
+"""Tokenizer loading errors and streaming text with stop strings."""
+
+import pytest
+
+from grok_moe.config import TINY
+from grok_moe.errors import TokenizerError
+from grok_moe.tokenizer import TextStream, Tokenizer
+from tests.helpers import train_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+  train_char_tokenizer(path)
+  return Tokenizer(path)
+
+
+def stream_all(tokenizer, text, stop=()):
+  stream = TextStream(tokenizer, tuple(stop))
+  pieces = []
+  for token in tokenizer.encode(text):
+    pieces.append(stream.add(token))
+    if stream.stopped:
+      break
+  pieces.append(stream.finish())
+  return pieces
+
+
+def test_streamed_pieces_add_up_to_the_text(tokenizer):
+  text = "ROMEO: But soft, what light"
+  pieces = stream_all(tokenizer, text)
+  assert "".join(pieces) == tokenizer.decode(tokenizer.encode(text)) == text
+  assert sum(1 for piece in pieces if piece) > 5  # it streams, not all at the end
+
+
+def test_stop_string_ends_the_text_before_it(tokenizer):
+  pieces = stream_all(tokenizer, "ROMEO: But soft, what light", stop=["soft"])
+  assert "".join(pieces) == "ROMEO: But "
+  # A partial match is held back, and released once it stops matching.
+  stream = TextStream(tokenizer, ("soft",))
+  released = ""
+  for token in tokenizer.encode("ROMEO: so"):
+    released += stream.add(token)
+  assert released == "ROMEO: "
+  for token in tokenizer.encode(" But"):
+    released += stream.add(token)
+  assert released + stream.finish() == "ROMEO: so But"
+
+
+def test_missing_and_unreadable_tokenizer(tmp_path):
+  with pytest.raises(TokenizerError, match="not found"):
+    Tokenizer(tmp_path / "missing.model")
+  garbage = tmp_path / "garbage.model"
+  garbage.write_bytes(b"not a sentencepiece model")
+  with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+    Tokenizer(garbage)
+
+
+def test_tokenizer_wider_than_the_model_is_refused(tmp_path, tokenizer):
+  tokenizer.check_fits(TINY)
+  wide = tmp_path / "wide.model"
+  train_char_tokenizer(wide, extra_pieces=TINY.vocab_size)
+  with pytest.raises(TokenizerError, match="vocabulary"):
+    Tokenizer(wide).check_fits(TINY)
