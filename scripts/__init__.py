@@ -1,0 +1,1 @@
+"""Scripts that build the bundled demo model: data and tokenizer, training, evaluation."""
