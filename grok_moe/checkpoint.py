@@ -357,6 +357,13 @@ def _params_for_config(params, config: ModelConfig) -> dict[str, Any]:
   return flat
 
 
+def _make_readable_by_all(directory: pathlib.Path) -> None:
+  """Give a directory the permissions a plain mkdir would (0777 less the umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  directory.chmod(0o777 & ~umask)
+
+
 def _fsync_directory(path: pathlib.Path) -> None:
   descriptor = os.open(path, os.O_RDONLY)
   try:
@@ -421,6 +428,7 @@ def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = Fals
   root.mkdir(parents=True, exist_ok=True)
   staged_tensors = pathlib.Path(
       tempfile.mkdtemp(prefix=f".{TENSOR_DIR}.partial-", dir=root))
+  _make_readable_by_all(staged_tensors)  # mkdtemp makes it private (0700)
   staged_config = None
   try:
     entries = manifest.checkpoint_manifest(config)
