@@ -6,12 +6,14 @@ k experts per token, A = N*k assignments (token, expert) pairs, C tile rows.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from grok_moe import quant
 
-DEFAULT_TILE_SIZE = 128
+DEFAULT_TILE_SIZE = 256
 
 
 def route(x: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -35,6 +37,13 @@ def expert_ffn(x: jax.Array, w_in: quant.Weight, w_v: quant.Weight,
   return quant.matmul(hidden, w_out)                                  # [C, D]
 
 
+def _indexed_expert_ffn(x, w_in, w_v, w_out, expert):
+  """expert_ffn with expert `expert` of the stacks [E, ...], read in place. x [C, D] -> [C, D]."""
+  hidden = (jax.nn.gelu(quant.matmul(x, w_in, expert=expert))
+            * quant.matmul(x, w_v, expert=expert))                           # [C, F]
+  return quant.matmul(hidden, w_out, expert=expert)                         # [C, D]
+
+
 def dense_moe(x, gates, expert_indices, w_in, w_v, w_out):
   """Every expert on every token, weighted by its gate (0 when not selected).
 
@@ -52,32 +61,53 @@ def dense_moe(x, gates, expert_indices, w_in, w_v, w_out):
   return out.astype(x.dtype)
 
 
-def _tile_size_for(num_assignments: int, tile_size: int | None) -> int:
-  """Tile rows: the default, but never more than the assignments rounded up to 8."""
+def _tile_size_for(num_tokens: int, tile_size: int | None) -> int:
+  """Tile rows: the default, but never more than the tokens (an expert's most rows)."""
   tile_size = tile_size or DEFAULT_TILE_SIZE
-  return max(1, min(tile_size, -(-num_assignments // 8) * 8))
+  return max(1, min(tile_size, num_tokens))
+
+
+def _last_tile_sizes(tile: int) -> tuple[int, ...]:
+  """Sizes for an expert's last, partial tile: 8, 16, 24, 40, 64, 96, ... (x1.5, multiples
+  of 8) below `tile`, then `tile`."""
+  sizes, size = [], 8
+  while size < tile:
+    sizes.append(size)
+    size = -(-(size * 3 // 2) // 8) * 8
+  return (*sizes, tile)
 
 
 def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
   """Each token through its k selected experts only; no token is dropped.
 
-  Algorithm (A = N*k assignments, C rows a tile):
+  Algorithm (A = N*k assignments, C rows a tile, at most N):
     1. Flatten the (token, expert, gate) assignments and sort them by expert
        (stable, so tokens keep their order within an expert).
     2. `lax.scan` over the experts. An expert no token chose is skipped with
-       `lax.cond`, so its weights are never read; otherwise its int8 weights
-       are dequantized once and its rows run in tiles of C rows
-       (ceil(count / C) tiles; the loop's static bound is ceil(N / C)).
-    3. Each tile gathers its tokens, runs the expert's FFN, scales the rows by
+       `lax.cond`, so its weights are never read.
+    3. An expert's `count` rows run as count // C full tiles of C rows (a scan
+       with the static bound N // C, tiles past the count skipped), then the
+       remaining count % C rows as one tile of the smallest size that holds
+       them among 8, 16, 24, 40, 64, 96, ..., C (`lax.switch`), so a partial
+       tile pads less than half its rows (plus up to 8), and an expert with
+       fewer than C rows costs one call of each matmul.
+    4. Each tile gathers its tokens, runs the expert's FFN, scales the rows by
        their gates and scatter-adds them back onto their tokens, undoing the
-       sort. Padding rows of the last tile carry gate 0.
-  Work: about A + E*C/2 rows of FFN instead of the dense N*E.
+       sort. Padding rows carry gate 0.
+  Weights: with tiles of more than quant.CHUNKED_MAX_ROWS rows (prefill,
+  training) an expert's weights are dequantized once for all its tiles; with
+  fewer (decode) `quant.matmul` reads its int8 weights in place, chunk by chunk.
+  Work: A rows of FFN plus the padding of one partial tile per expert,
+  instead of the dense N*E. Every loop has a static trip count, so the
+  function is reverse-differentiable (for training the demo).
   """
   num_tokens, width = x.shape
   k = expert_indices.shape[-1]
   num_experts = w_in.shape[0]
   num_assignments = num_tokens * k
-  tile = _tile_size_for(num_assignments, tile_size)
+  tile = _tile_size_for(num_tokens, tile_size)
+  last_tile_sizes = _last_tile_sizes(tile)
+  convert_once = tile > quant.CHUNKED_MAX_ROWS
 
   # 1. Sort assignments by expert.
   flat_experts = expert_indices.reshape(num_assignments)                       # [A]
@@ -88,33 +118,42 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
   counts = jnp.bincount(flat_experts, length=num_experts)                      # [E]
   row_begin = jnp.cumsum(counts) - counts                                      # [E]
 
-  # 2.-3. One expert at a time, its rows in tiles. An expert has at most N
-  # rows (a token picks distinct experts), so ceil(N / C) tiles bound the loop
-  # statically; tiles past the expert's own count are skipped. The static
-  # bound keeps the loop reverse-differentiable (for training the demo).
-  max_tiles = -(-num_tokens // tile)
-
   def run_expert(out, expert):
     count = counts[expert]
 
     def process(out):
-      expert_weights = [quant.dequantize(quant.take(w, expert), x.dtype)
-                        for w in (w_in, w_v, w_out)]                           # [D, F], [D, F], [F, D]
+      if convert_once:  # dequantize the expert's weights once for all its tiles
+        weights = [quant.dequantize(quant.take(w, expert), x.dtype)
+                   for w in (w_in, w_v, w_out)]                                # [D, F], [D, F], [F, D]
+        ffn = functools.partial(expert_ffn, w_in=weights[0], w_v=weights[1], w_out=weights[2])
+      else:  # few rows: quant.matmul reads the expert's weights in place
+        ffn = functools.partial(_indexed_expert_ffn, w_in=w_in, w_v=w_v, w_out=w_out,
+                                expert=expert)
 
-      def run_tile(out, tile_index):
-        def compute(out):
-          within = tile_index * tile + jnp.arange(tile)                        # [C]
-          valid = within < count                                               # [C]
-          rows = jnp.where(valid, row_begin[expert] + within, 0)               # [C]
-          tokens = sorted_tokens[rows]                                         # [C]
-          row_gates = jnp.where(valid, sorted_gates[rows], 0.0)                # [C]
-          y = expert_ffn(x[tokens], *expert_weights)                           # [C, D]
-          return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
+      def run_rows(out, first, size: int):
+        """The expert's rows first .. first + size (those below count) onto out."""
+        within = first + jnp.arange(size)                                      # [C]
+        valid = within < count                                                 # [C]
+        rows = jnp.where(valid, row_begin[expert] + within, 0)                 # [C]
+        tokens = sorted_tokens[rows]                                           # [C]
+        row_gates = jnp.where(valid, sorted_gates[rows], 0.0)                  # [C]
+        y = ffn(x[tokens])                                                     # [C, D]
+        return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
 
-        return jax.lax.cond(tile_index * tile < count, compute, lambda out: out, out), None
+      full_tiles = count // tile
 
-      out, _ = jax.lax.scan(run_tile, out, jnp.arange(max_tiles))
-      return out
+      def run_full_tile(out, index):
+        return jax.lax.cond(index < full_tiles,
+                            lambda out: run_rows(out, index * tile, tile),
+                            lambda out: out, out), None
+
+      out, _ = jax.lax.scan(run_full_tile, out, jnp.arange(num_tokens // tile))
+      first, rest = full_tiles * tile, count % tile
+      branches = [lambda out: out] + [functools.partial(run_rows, first=first, size=size)
+                                      for size in last_tile_sizes]
+      # 0 when no rows are left, else 1 + the smallest size that holds them.
+      branch = jnp.where(rest > 0, 1 + jnp.searchsorted(jnp.asarray(last_tile_sizes), rest), 0)
+      return jax.lax.switch(branch, branches, out)
 
     return jax.lax.cond(count > 0, process, lambda out: out, out), None
 

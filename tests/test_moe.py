@@ -64,8 +64,9 @@ def loop_moe(x, gates, indices, w_in, w_v, w_out):
 
 
 # Every token count, top-1 and top-2 in each weight layout, the default tile
-# and tiles of 1, 3, 8 and one larger than all assignments, and experts that
-# no token chooses; each case compiles, so the set is small.
+# and tiles of 1, 3, 8, 50 and one larger than all assignments, and experts
+# that no token chooses; each case compiles, so the set is small. Tiles of at
+# most quant.CHUNKED_MAX_ROWS rows read int8 weights chunk by chunk (on CPU).
 CASES = (
     # (tokens, k, tile_size, layout, unused expert)
     (1, 1, None, "release", None),
@@ -75,6 +76,7 @@ CASES = (
     (64, 2, 1, "release", None),
     (300, 2, None, "release", 0),
     (300, 1, 1000, "float", None),
+    (300, 2, 50, "swapped", None),   # full tiles of 50, then a partial tile of 16 or 24
 )
 
 
