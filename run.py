@@ -1,5 +1,11 @@
 #!/usr/bin/env python3
-"""Text completion with a Grok-style model: python run.py --prompt "ROMEO:"."""
+"""Text completion with a Grok-style model: python run.py --prompt "ROMEO:".
+
+On several devices:  python run.py --mesh 1x8 --prompt "..."
+On several hosts, the same command on each, with its own --process-id:
+    python run.py --mesh 2x8 --coordinator host0:1234 --num-processes 2 --process-id 0 ...
+Memory plan only:    python run.py --plan --config grok-1 --mesh 1x8
+"""
 
 from __future__ import annotations
 
@@ -47,7 +53,70 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--truncate", action="store_true",
                       help="keep the last tokens of a prompt longer than the context "
                       "instead of stopping with an error")
-  return parser.parse_args(argv)
+
+  devices = parser.add_argument_group(
+      "devices and hosts", "Run one model over a DATAxMODEL mesh of devices, on one or more "
+      "hosts. Every process runs the same command (with its own --process-id) and the same "
+      "prompt; process 0 prints the text.")
+  devices.add_argument("--mesh", metavar="DATAxMODEL",
+                       help="device mesh, e.g. 1x8 or 2x4: the batch is split DATA ways, "
+                       "attention heads and experts MODEL ways; DATA x MODEL must be the "
+                       "number of devices on all hosts together. Default: one device "
+                       "(1xN over all devices with several processes)")
+  devices.add_argument("--moe-sharding", choices=("tensor", "expert"), default="tensor",
+                       help="tensor: every device holds a slice of every expert; expert: "
+                       "every device holds whole experts (MODEL must divide the experts) "
+                       "(default: %(default)s)")
+  devices.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="with several processes: the address of process 0, where the "
+                       "coordinator listens (the same on every process)")
+  devices.add_argument("--num-processes", type=int, default=1,
+                       help="number of processes (hosts) taking part (default: %(default)s)")
+  devices.add_argument("--process-id", type=int, default=0,
+                       help="this process's index, 0 .. num-processes - 1 (default: %(default)s)")
+
+  plan = parser.add_argument_group("memory plan")
+  plan.add_argument("--plan", action="store_true",
+                    help="print the bytes per device of the weights (int8) and KV cache for "
+                    "the config, --mesh, --batch and --cache-len, and exit without loading "
+                    "any weights")
+  plan.add_argument("--batch", type=int, default=1,
+                    help="rows of the batch to plan for (default: %(default)s)")
+  plan.add_argument("--cache-len", type=int,
+                    help="KV cache length to plan for (default: the config's sequence_len)")
+  plan.add_argument("--device-memory", type=float, default=80.0, metavar="GB",
+                    help="memory of one device in GB (1e9 bytes) (default: %(default)g)")
+  args = parser.parse_args(argv)
+  if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+    parser.error(f"--process-id must be in [0, {args.num_processes}) and --num-processes >= 1")
+  if args.num_processes > 1 and not args.coordinator:
+    parser.error("--num-processes > 1 needs --coordinator HOST:PORT (process 0's address)")
+  if args.batch < 1 or (args.cache_len is not None and args.cache_len < 1):
+    parser.error("--batch and --cache-len must be positive")
+  return args
+
+
+def start_distributed(args) -> None:
+  """Joins the processes into one set of devices; must come before anything touches devices."""
+  import jax
+  # CPU hosts exchange data through gloo; the setting does not concern GPUs or TPUs.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=args.coordinator,
+                             num_processes=args.num_processes, process_id=args.process_id)
+
+
+def print_plan(args) -> int:
+  """The memory plan for the flags, computed from shapes: nothing is loaded."""
+  import jax
+  import grok_moe
+  from grok_moe import checkpoint, sharding
+  path, _, config, _ = resolve_checkpoint(args)
+  if config is None:
+    config = checkpoint.checkpoint_config(path, None)  # reads config.json only
+  mesh_shape = (sharding.parse_mesh(args.mesh) if args.mesh else (1, jax.device_count()))
+  plan = grok_moe.memory_plan(config, mesh_shape, args.batch, args.cache_len, args.moe_sharding)
+  print(plan.format(args.device_memory * sharding.GB))
+  return 0
 
 
 def resolve_checkpoint(args) -> tuple[pathlib.Path, str | None, object, str]:
@@ -74,11 +143,35 @@ def resolve_checkpoint(args) -> tuple[pathlib.Path, str | None, object, str]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+  if args.num_processes > 1:
+    start_distributed(args)
   import jax
   import grok_moe
 
+  if args.plan:
+    try:
+      return print_plan(args)
+    except grok_moe.GrokMoeError as error:
+      print(f"error: {error}", file=sys.stderr)
+      return 2
+  prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+  main_process = jax.process_index() == 0  # the one process that prints
+
+  def say(text: str) -> None:
+    if main_process:
+      print(text, file=sys.stderr)
+
+  def show(text: str) -> None:
+    if main_process:
+      sys.stdout.write(text)
+      sys.stdout.flush()
+
   try:
+    mesh = None
+    if args.mesh:
+      mesh = grok_moe.make_mesh(*grok_moe.sharding.parse_mesh(args.mesh))
+    elif args.num_processes > 1:
+      mesh = grok_moe.make_mesh()  # 1 x all devices
     checkpoint, tokenizer, config, description = resolve_checkpoint(args)
     dtype = args.dtype
     if dtype == "auto":
@@ -86,21 +179,25 @@ def main(argv=None) -> int:
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     grok_moe.SamplingConfig(**settings)  # reject bad settings before loading
-    print(f"loading {description}", file=sys.stderr)
+    where = "" if mesh is None else (
+        f" onto a {mesh.shape['data']}x{mesh.shape['model']} mesh ({args.moe_sharding} "
+        f"MoE sharding, {args.num_processes} process(es))")
+    say(f"loading {description}{where}")
     start = time.perf_counter()
     model = grok_moe.Model.from_checkpoint(checkpoint, config=config, tokenizer=tokenizer,
-                                           dtype=dtype)
-    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+                                           dtype=dtype, mesh=mesh,
+                                           moe_sharding=args.moe_sharding,
+                                           progress=main_process)
+    say(f"loaded in {time.perf_counter() - start:.1f} s")
 
-    sys.stdout.write(prompt)
+    show(prompt)
     for piece in model.stream(prompt, stop=args.stop, truncate=args.truncate, **settings):
-      sys.stdout.write(piece)
-      sys.stdout.flush()
-    sys.stdout.write("\n")
+      show(piece)
+    show("\n")
     stats = model.last_stats
-    print(f"{stats.new_tokens} tokens in {stats.total_s:.1f} s: first token after "
-          f"{stats.first_token_s:.1f} s (prefill and compilation), then "
-          f"{stats.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    say(f"{stats.new_tokens} tokens in {stats.total_s:.1f} s: first token after "
+        f"{stats.first_token_s:.1f} s (prefill and compilation), then "
+        f"{stats.decode_tokens_per_s:.1f} tokens/s")
   except grok_moe.GrokMoeError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

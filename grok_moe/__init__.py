@@ -5,12 +5,22 @@ from grok_moe.checkpoint import (checkpoint_config, load_checkpoint, quantize_pa
                                  save_checkpoint)
 from grok_moe.config import BENCH, GROK_1, PRESETS, TINY, ModelConfig
 from grok_moe.errors import (CheckpointError, ConfigError, GrokMoeError, InputError,
-                             TokenizerError)
+                             MeshError, TokenizerError)
 from grok_moe.kv_cache import KVCache, init_cache
 from grok_moe.manifest import checkpoint_manifest, parameter_shapes
 from grok_moe.model import ModelOutput, Routing, forward, init_params
 from grok_moe.quant import QuantizedWeight, dequantize, quantize
 from grok_moe.sampling import SamplingConfig
+from grok_moe.sharding import MemoryPlan, ShardingPlan, make_mesh, memory_plan
 from grok_moe.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BENCH", "GROK_1", "PRESETS", "TINY", "CheckpointError", "ConfigError", "GenerationStats",
+    "GrokMoeError", "InputError", "KVCache", "MemoryPlan", "MeshError", "Model", "ModelConfig",
+    "ModelOutput", "QuantizedWeight", "Routing", "SamplingConfig", "ShardingPlan", "Tokenizer",
+    "TokenizerError", "checkpoint_config", "checkpoint_manifest", "dequantize", "forward",
+    "init_cache", "init_params", "load_checkpoint", "make_mesh", "memory_plan",
+    "parameter_shapes", "quantize", "quantize_params", "save_checkpoint",
+]

@@ -13,8 +13,9 @@ import numpy as np
 
 from grok_moe import checkpoint, model, sampling
 from grok_moe.config import ModelConfig
-from grok_moe.errors import InputError, TokenizerError
+from grok_moe.errors import ConfigError, InputError, TokenizerError
 from grok_moe.model import Routing
+from grok_moe.sharding import ShardingPlan, fetch
 from grok_moe.tokenizer import TextStream, Tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -53,11 +54,18 @@ class Model:
   """
 
   def __init__(self, params, config: ModelConfig, tokenizer: Tokenizer | None = None,
-               dtype="bfloat16"):
+               dtype="bfloat16", sharding: ShardingPlan | None = None):
+    """`sharding` runs the model on a mesh (see grok_moe.sharding); params not yet
+    placed by it are placed now."""
+    if sharding is not None:
+      if sharding.config != config:
+        raise ConfigError("the sharding plan was made for another config")
+      params = sharding.shard_params(params)
     self.params = params
     self.config = config
     self.tokenizer = tokenizer
     self.dtype = jnp.dtype(dtype).name
+    self.sharding = sharding
     self.last_stats = GenerationStats()
     if tokenizer is not None:
       tokenizer.check_fits(config)
@@ -65,23 +73,28 @@ class Model:
   @classmethod
   def from_checkpoint(cls, path, config: ModelConfig | None = None,
                       tokenizer: Tokenizer | str | os.PathLike | None = None,
-                      mesh=None, dtype="bfloat16", progress: bool = True) -> "Model":
+                      mesh=None, dtype="bfloat16", progress: bool = True,
+                      moe_sharding: str = "tensor") -> "Model":
     """Loads a release-format checkpoint (a directory holding ckpt-0/, or ckpt-0/ itself).
 
     The config comes from config.json beside ckpt-0 (Grok-1 for the release);
     the tokenizer from `tokenizer` or tokenizer.model beside the checkpoint.
+    With `mesh` (grok_moe.make_mesh) each tensor goes straight into its
+    shards as it is read, and the model runs on the mesh; `moe_sharding` is
+    "tensor" (every device a slice of every expert) or "expert" (whole experts).
 
     Example:
       >>> model = Model.from_checkpoint("checkpoints/demo", dtype="float32")
+      >>> grok = Model.from_checkpoint("checkpoints", mesh=grok_moe.make_mesh(1, 8))
     """
-    if mesh is not None:
-      raise NotImplementedError("loading onto a device mesh is not available yet")
     config = checkpoint.checkpoint_config(path, config)
+    plan = None if mesh is None else ShardingPlan(config, mesh, moe_sharding)
     if not isinstance(tokenizer, Tokenizer):
       tokenizer = Tokenizer(tokenizer if tokenizer is not None else _find_tokenizer(path))
     tokenizer.check_fits(config)
-    params = checkpoint.load_checkpoint(path, config, progress=progress)
-    return cls(params, config, tokenizer, dtype)
+    params = checkpoint.load_checkpoint(path, config, progress=progress,
+                                        place=None if plan is None else plan.place)
+    return cls(params, config, tokenizer, dtype, sharding=plan)
 
   # --- Text in, text out. ---
 
@@ -100,7 +113,8 @@ class Model:
     start = time.perf_counter()
     for step in sampling.generate(self.params, self.config, ids,
                                   sampling.SamplingConfig(**settings), dtype=self.dtype,
-                                  truncate=truncate, vocab_limit=tokenizer.vocab_size):
+                                  truncate=truncate, vocab_limit=tokenizer.vocab_size,
+                                  sharding=self.sharding):
       stats.new_tokens += int(step.active.sum())
       stats.total_s = time.perf_counter() - start
       stats.first_token_s = stats.first_token_s or stats.total_s
@@ -168,7 +182,7 @@ class Model:
                                        top_p=top_p, top_k=top_k, seed=seed)
     rows: list[list[int]] = [[] for _ in prompts]
     for step in sampling.generate(self.params, self.config, prompts, settings,
-                                  dtype=self.dtype, truncate=truncate):
+                                  dtype=self.dtype, truncate=truncate, sharding=self.sharding):
       for row, token in enumerate(step.tokens):
         if step.active[row] and token != self.config.eos_token:
           rows[row].append(int(token))
@@ -198,8 +212,9 @@ class Model:
       >>> model.logits([[1, 523, 88]]).shape
       (1, 3, 131072)
     """
-    out = model.forward(self.params, self._token_batch(tokens), self.config, dtype=self.dtype)
-    return np.asarray(out.logits, np.float32)
+    out = model.forward(self.params, self._token_batch(tokens), self.config, dtype=self.dtype,
+                        sharding=self.sharding)
+    return fetch(out.logits).astype(np.float32)
 
   def score(self, text: str) -> np.ndarray:
     """Log-probability of each token of `text` given BOS and the tokens before it, [T].
@@ -212,8 +227,8 @@ class Model:
     if not ids:
       raise InputError("score needs a non-empty text")
     batch = self._token_batch([self.config.bos_token] + ids)
-    logits = np.asarray(model.forward(self.params, batch, self.config, dtype=self.dtype)
-                        .logits[0, :-1], np.float64)                         # [T, V]
+    logits = fetch(model.forward(self.params, batch, self.config, dtype=self.dtype,
+                                 sharding=self.sharding).logits)[0, :-1].astype(np.float64)  # [T, V]
     log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)  # [T, V]
     return log_probs[np.arange(len(ids)), ids].astype(np.float32)
 
@@ -226,7 +241,7 @@ class Model:
     """
     batch = self._token_batch(text_or_tokens)
     routing = model.forward(self.params, batch, self.config, dtype=self.dtype,
-                            return_routing=True).routing
-    indices, gates = np.asarray(routing.expert_indices), np.asarray(routing.gates)
+                            return_routing=True, sharding=self.sharding).routing
+    indices, gates = fetch(routing.expert_indices), fetch(routing.gates)
     single = isinstance(text_or_tokens, str) or np.ndim(text_or_tokens) == 1
     return Routing(indices[:, 0], gates[:, 0]) if single else Routing(indices, gates)

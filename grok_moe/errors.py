@@ -19,3 +19,7 @@ class TokenizerError(GrokMoeError):
 
 class InputError(GrokMoeError, ValueError):
   """Bad arguments to generation or scoring (prompt too long, temperature < 0, ...)."""
+
+
+class MeshError(GrokMoeError, ValueError):
+  """A device mesh that does not fit the devices present or cannot split the model."""

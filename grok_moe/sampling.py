@@ -73,32 +73,53 @@ def sample_logits(logits, key, temperature, top_p, top_k, vocab_limit=None):
   vocab = logits.shape[-1]
   if vocab_limit is not None:
     logits = jnp.where(jnp.arange(vocab) < vocab_limit, logits, -jnp.inf)
-  scaled = logits / jnp.maximum(temperature, 1e-6)
-  descending = -jnp.sort(-scaled, axis=-1)                                     # [B, V]
-  kth_largest = descending[:, jnp.clip(top_k - 1, 0, vocab - 1)][:, None]      # [B, 1]
-  descending = jnp.where((top_k > 0) & (descending < kth_largest), -jnp.inf, descending)
-  probs = jax.nn.softmax(descending, axis=-1)                                  # [B, V]
-  mass_before = jnp.cumsum(probs, axis=-1) - probs                             # [B, V]
-  kept = jnp.where(mass_before < top_p, descending, jnp.inf)                   # [B, V]
-  cutoff = jnp.min(kept, axis=-1, keepdims=True)                               # [B, 1]
-  cutoff = jnp.where(top_k > 0, jnp.maximum(cutoff, kth_largest), cutoff)
-  filtered = jnp.where(scaled >= cutoff, scaled, -jnp.inf)                     # [B, V]
-  sampled = jax.random.categorical(key, filtered, axis=-1)
-  return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+
+  def draw():
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    descending = -jnp.sort(-scaled, axis=-1)                                   # [B, V]
+    kth_largest = descending[:, jnp.clip(top_k - 1, 0, vocab - 1)][:, None]    # [B, 1]
+    descending = jnp.where((top_k > 0) & (descending < kth_largest), -jnp.inf, descending)
+    probs = jax.nn.softmax(descending, axis=-1)                                # [B, V]
+    mass_before = jnp.cumsum(probs, axis=-1) - probs                           # [B, V]
+    kept = jnp.where(mass_before < top_p, descending, jnp.inf)                 # [B, V]
+    cutoff = jnp.min(kept, axis=-1, keepdims=True)                             # [B, 1]
+    cutoff = jnp.where(top_k > 0, jnp.maximum(cutoff, kth_largest), cutoff)
+    filtered = jnp.where(scaled >= cutoff, scaled, -jnp.inf)                   # [B, V]
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+  def argmax():
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  # Greedy decoding skips the sort over the vocabulary (about 1 ms a step on CPU at V=4096).
+  return jax.lax.cond(temperature == 0, argmax, draw)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
-def _prefill(params, tokens, cache, last_index, key, settings, *, config, dtype):
-  out = model.forward(params, tokens, config, dtype=dtype, cache=cache)
+def _sample_on_every_device(logits, key, settings, sharding):
+  """Next tokens [B] from logits [B, V]; with a mesh, both are copied to every device, so
+  every process reads the same tokens and feeds them back."""
+  if sharding is not None:
+    logits = sharding.replicated(logits)
+  tokens = sample_logits(logits, key, *settings)
+  if sharding is not None:
+    tokens = sharding.replicated(tokens)
+  return tokens, logits
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "sharding"),
+                   donate_argnames=("cache",))
+def _prefill(params, tokens, cache, last_index, key, settings, *, config, dtype, sharding=None):
+  out = model.forward(params, tokens, config, dtype=dtype, cache=cache, sharding=sharding)
   last_logits = jnp.take_along_axis(out.logits, last_index[:, None, None], axis=1)[:, 0]  # [B, V]
-  return sample_logits(last_logits, key, *settings), last_logits, out.cache
+  return *_sample_on_every_device(last_logits, key, settings, sharding), out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
-def _decode_step(params, tokens, cache, key, settings, *, config, dtype):
-  out = model.forward(params, tokens[:, None], config, dtype=dtype, cache=cache)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "sharding"),
+                   donate_argnames=("cache",))
+def _decode_step(params, tokens, cache, key, settings, *, config, dtype, sharding=None):
+  out = model.forward(params, tokens[:, None], config, dtype=dtype, cache=cache,
+                      sharding=sharding)
   logits = out.logits[:, 0]                                                    # [B, V]
-  return sample_logits(logits, key, *settings), logits, out.cache
+  return *_sample_on_every_device(logits, key, settings, sharding), out.cache
 
 
 @dataclasses.dataclass
@@ -132,11 +153,13 @@ def check_prompts(prompts: Sequence[Sequence[int]], config: ModelConfig,
 
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
              sampling: SamplingConfig, *, dtype=jnp.bfloat16, truncate: bool = False,
-             vocab_limit: int | None = None) -> Iterator[Step]:
+             vocab_limit: int | None = None, sharding=None) -> Iterator[Step]:
   """Yields one `Step` per new token for a batch of prompts (lists of token ids).
 
   `vocab_limit` keeps the draws below the tokenizer's size when the model's
-  vocabulary is larger.
+  vocabulary is larger. `sharding` (a `sharding.ShardingPlan`) runs on its
+  mesh, with the cache created in its shards; with several processes, every
+  process calls generate with the same prompts and gets the same steps.
 
   A row stops after EOS (which is yielded, flagged active, and ends the row) or
   when its context is full; the generator ends when every row has stopped or
@@ -159,10 +182,17 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
   settings = (jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
               jnp.int32(sampling.top_k), jnp.int32(vocab_limit or config.vocab_size))
   base_key = jax.random.PRNGKey(sampling.seed)
-  cache = init_cache(config, batch, cache_len, dtype)
+  put = np.asarray
+  if sharding is None:
+    cache = init_cache(config, batch, cache_len, dtype)
+  else:
+    params = sharding.shard_params(params)  # a no-op for params placed by the plan
+    cache = sharding.init_cache(batch, cache_len, dtype)
+    put = sharding.put  # host values, replicated: the same on every process
+    tokens, settings, base_key = put(tokens), put(settings), put(base_key)
   next_tokens, logits, cache = _prefill(
-      params, tokens, cache, jnp.asarray(lengths - 1), jax.random.fold_in(base_key, 0),
-      settings, config=config, dtype=dtype)
+      params, tokens, cache, put(lengths - 1), jax.random.fold_in(base_key, 0),
+      settings, config=config, dtype=dtype, sharding=sharding)
 
   active = np.ones(batch, bool)
   positions = lengths.copy()  # where each row's next token goes
@@ -175,5 +205,5 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
     feed = np.where(active, new, config.pad_token).astype(np.int32)
     positions += active
     next_tokens, logits, cache = _decode_step(
-        params, feed, cache, jax.random.fold_in(base_key, step), settings,
-        config=config, dtype=dtype)
+        params, put(feed), cache, jax.random.fold_in(base_key, step), settings,
+        config=config, dtype=dtype, sharding=sharding)
