@@ -260,12 +260,8 @@ class MultiHeadAttention(hk.Module):
 
     # A key is seen if it holds a real token at or before the query's position.
     mask = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
-    if shard is not None:
-      if layer is not None:
-        keys, values = keys[layer], values[layer]                         # [B, S, K, d]
-      out = shard.attend(q, keys.astype(x.dtype), values.astype(x.dtype), mask, cfg)
-    else:
-      out = attend(q, keys, values, mask, cfg, layer=layer)               # [B, T, H*d]
+    attention = attend if shard is None else shard.attend
+    out = attention(q, keys, values, mask, cfg, layer=layer)              # [B, T, H*d]
     return Linear(cfg.emb_size, name="linear", sharding=shard)(out), new_layer_cache
 
 
