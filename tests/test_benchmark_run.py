@@ -1,0 +1,75 @@
+"""benchmarks/run.py end to end on a tiny model, and its byte and parameter counts by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax.numpy as jnp
+
+from benchmarks import counts
+from benchmarks import run as bench
+from grok_moe import quant
+from grok_moe.config import BENCH, GROK_1, TINY
+
+
+def test_counts_by_hand():
+  config = BENCH
+  D, F, V, E = 512, config.ffn_size, 4096, 8
+  active = counts.active_parameters(config)
+  per_layer = D * 512 + 2 * D * 128 + 512 * D + D * E + 2 * 3 * D * F
+  assert active["total"] == 4 * per_layer + V * D
+
+  params = bench.random_params(config.replace(num_layers=1))
+  read = counts.bytes_per_token(params, config.replace(num_layers=1))
+  experts = 2 * (2 * (D * F + 2 * F) + (F * D + 2 * 8 * D))   # 2 experts: int8 + bf16 scales
+  attention = (D * 512 + 2 * 512) + 2 * (D * 128 + 2 * 128) + (512 * D + 2 * 8 * D)
+  assert read["experts"] == experts
+  assert read["attention"] == attention
+  assert read["embeddings"] == 4 * (V * D + D)
+  assert read["router_and_norms"] == 4 * (D * E + 4 * D + D)
+  held = counts.bytes_per_token(quant.with_residency(params, "float32"), config.replace(num_layers=1))
+  assert held["experts"] == 4 * 2 * 3 * D * F
+
+
+def test_grok1_width_settings():
+  settings = bench._settings(bench._parse_args(["--grok1-width", "--layers", "3"]))
+  config = settings.config
+  assert (config.emb_size, config.num_experts, config.ffn_size, config.vocab_size) == (
+      GROK_1.emb_size, 8, 32768, GROK_1.vocab_size)
+  assert config.num_layers == 3 and config.sequence_len >= 4096 + bench.NEW_TOKENS
+
+
+TINY_SETTINGS = dict(
+    config=TINY.replace(sequence_len=256), dtype="float32", repeats=2,
+    bandwidth_bytes=1 << 20, matmul_size=64, prefill_tokens=16,
+    decode_cache_lengths=(8, 40), moe_tokens=64, generate_batches=(1, 2),
+    generate_new_tokens=3)
+
+
+def test_run_on_a_tiny_model_reports_every_figure(tmp_path):
+  settings = bench.Settings(**TINY_SETTINGS)
+  results = bench.run(settings, log=lambda message: None)
+  text = bench.table(results)
+  json.loads(json.dumps(results))  # JSON-ready
+  assert [d["cached_tokens"] for d in results["decode"]] == [8, 40]
+  assert [g["batch"] for g in results["generate"]] == [1, 2]
+  for key, value in results["ratios"].items():
+    assert math.isfinite(value) and value > 0, key
+  assert [t["verdict"] in ("PASS", "FAIL") for t in results["targets"]] == [True] * 4
+  assert "decode at 40 / at 8 cached" in text and "generate, batch 2" in text
+  assert results["memory"]["weight_bytes"] == counts.weight_bytes(
+      bench.random_params(settings.config))
+  assert jnp.dtype(results["limits"]["matmul"]["dtype"]) == jnp.float32
+
+
+def test_run_on_a_mesh_holds_a_share_of_the_weights_per_device():
+  """--mesh 1x2: every measurement runs on the plan's mesh (conftest's 8 CPU devices)."""
+  settings = bench.Settings(**TINY_SETTINGS, mesh=(1, 2))
+  results = bench.run(settings, log=lambda message: None)
+  memory = results["memory"]
+  # Experts and attention split in two; embeddings (vocab 97), norms and router copied.
+  assert memory["weight_bytes"] / 2 < memory["weight_bytes_per_device"] < memory["weight_bytes"]
+  assert all(0 < n <= g["batch"] * 3 for g in results["generate"] for n in g["generated"])
+  assert [t["verdict"] in ("PASS", "FAIL") for t in results["targets"]] == [True] * 4
+  assert "on a 1x2 mesh" in bench.table(results)
