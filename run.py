@@ -5,6 +5,7 @@ On several devices:  python run.py --mesh 1x8 --prompt "..."
 On several hosts, the same command on each, with its own --process-id:
     python run.py --mesh 2x8 --coordinator host0:1234 --num-processes 2 --process-id 0 ...
 Memory plan only:    python run.py --plan --config grok-1 --mesh 1x8
+Every core of a CPU: python run.py --cpu-devices 2 --prompt "..."
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="tensor: every device holds a slice of every expert; expert: "
                        "every device holds whole experts (MODEL must divide the experts) "
                        "(default: %(default)s)")
+  devices.add_argument("--cpu-devices", type=int, metavar="N",
+                       help="on a CPU: make it N XLA devices (one a core) and run on a 1xN "
+                       "mesh over them, so that decoding uses every core instead of one "
+                       "(default: one device)")
   devices.add_argument("--coordinator", metavar="HOST:PORT",
                        help="with several processes: the address of process 0, where the "
                        "coordinator listens (the same on every process)")
@@ -91,9 +96,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error(f"--process-id must be in [0, {args.num_processes}) and --num-processes >= 1")
   if args.num_processes > 1 and not args.coordinator:
     parser.error("--num-processes > 1 needs --coordinator HOST:PORT (process 0's address)")
+  if args.cpu_devices is not None and args.cpu_devices < 1:
+    parser.error("--cpu-devices must be positive")
   if args.batch < 1 or (args.cache_len is not None and args.cache_len < 1):
     parser.error("--batch and --cache-len must be positive")
   return args
+
+
+CPU_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def set_cpu_device_count(count: int) -> None:
+  """Asks XLA for `count` CPU devices; must come before jax is imported."""
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith(CPU_DEVICE_FLAG)]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"{CPU_DEVICE_FLAG}={count}"])
 
 
 def start_distributed(args) -> None:
@@ -143,6 +160,8 @@ def resolve_checkpoint(args) -> tuple[pathlib.Path, str | None, object, str]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.cpu_devices:
+    set_cpu_device_count(args.cpu_devices)
   if args.num_processes > 1:
     start_distributed(args)
   import jax
@@ -172,6 +191,9 @@ def main(argv=None) -> int:
       mesh = grok_moe.make_mesh(*grok_moe.sharding.parse_mesh(args.mesh))
     elif args.num_processes > 1:
       mesh = grok_moe.make_mesh()  # 1 x all devices
+    elif args.cpu_devices and jax.default_backend() == "cpu":
+      mesh = grok_moe.make_mesh(1, args.cpu_devices,
+                                devices=jax.devices("cpu")[:args.cpu_devices])
     checkpoint, tokenizer, config, description = resolve_checkpoint(args)
     dtype = args.dtype
     if dtype == "auto":
@@ -196,7 +218,8 @@ def main(argv=None) -> int:
     show("\n")
     stats = model.last_stats
     say(f"{stats.new_tokens} tokens in {stats.total_s:.1f} s: first token after "
-        f"{stats.first_token_s:.1f} s (prefill and compilation), then "
+        f"{stats.first_token_s:.1f} s (prefill and compilation), second after "
+        f"{stats.second_token_s:.1f} s (decode step compilation), then "
         f"{stats.decode_tokens_per_s:.1f} tokens/s")
   except grok_moe.GrokMoeError as error:
     print(f"error: {error}", file=sys.stderr)

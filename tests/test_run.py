@@ -91,3 +91,12 @@ def test_help_explains_the_options():
   for option in ("--prompt", "--checkpoint", "--tokenizer", "--config", "--max-new-tokens",
                  "--temperature", "--top-p", "--top-k", "--seed", "--dtype", "--truncate"):
     assert option in result.stdout
+
+
+def test_cpu_devices_runs_on_a_mesh_of_cores_with_the_same_text(tiny_checkpoint):
+  args = ("--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "6",
+          "--temperature", "0")
+  one, two = run(*args), run(*args, "--cpu-devices", "2")
+  assert two.returncode == 0, two.stderr
+  assert "onto a 1x2 mesh" in two.stderr
+  assert two.stdout == one.stdout  # greedy, float32: the mesh gives one device's logits
