@@ -34,15 +34,36 @@ def _find_tokenizer(checkpoint_path) -> str:
 
 @dataclasses.dataclass
 class GenerationStats:
-  """Counts and times of the last generate/stream call (times include compilation)."""
+  """Counts and times of the last generate/stream call.
+
+  The first token's time includes compiling the prefill, the second's
+  compiling the decode step (once per shape), so the decode rate is taken
+  from the second token on.
+  """
   new_tokens: int = 0
   first_token_s: float = 0.0   # prefill and the first sample
+  second_token_s: float = 0.0  # ... and the first decode step
   total_s: float = 0.0
+  steps: int = 0               # tokens per row, at most
+  steady_tokens: int = 0       # tokens of the steps after the second
 
   @property
   def decode_tokens_per_s(self) -> float:
-    decode_s = self.total_s - self.first_token_s
-    return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
+    """Tokens per second after the second step (steady decoding, compilation excluded)."""
+    decode_s = self.total_s - self.second_token_s
+    return self.steady_tokens / decode_s if self.steady_tokens and decode_s > 0 else 0.0
+
+  def add_step(self, tokens: int, elapsed_s: float) -> None:
+    """Counts one step of `tokens` new tokens (one per active row), `elapsed_s` after the start."""
+    self.steps += 1
+    self.new_tokens += tokens
+    self.total_s = elapsed_s
+    if self.steps == 1:
+      self.first_token_s = elapsed_s
+    elif self.steps == 2:
+      self.second_token_s = elapsed_s
+    else:
+      self.steady_tokens += tokens
 
 
 class Model:
@@ -115,9 +136,7 @@ class Model:
                                   sampling.SamplingConfig(**settings), dtype=self.dtype,
                                   truncate=truncate, vocab_limit=tokenizer.vocab_size,
                                   sharding=self.sharding):
-      stats.new_tokens += int(step.active.sum())
-      stats.total_s = time.perf_counter() - start
-      stats.first_token_s = stats.first_token_s or stats.total_s
+      stats.add_step(int(step.active.sum()), time.perf_counter() - start)
       pieces = []
       for row, stream in enumerate(streams):
         token = int(step.tokens[row])

@@ -73,3 +73,12 @@ def test_bad_token_input(model):
     model.logits([[]])
   with pytest.raises(grok_moe.InputError):
     model.generate("x", temperature=-1)
+
+
+def test_generation_stats_leave_the_two_compiling_steps_out_of_the_decode_rate():
+  stats = grok_moe.GenerationStats()
+  for tokens, elapsed in ((2, 3.0), (2, 5.0), (2, 5.5), (1, 6.0)):  # batch 2; a row ends
+    stats.add_step(tokens, elapsed)
+  assert (stats.new_tokens, stats.first_token_s, stats.second_token_s) == (7, 3.0, 5.0)
+  assert stats.decode_tokens_per_s == 3 / 1.0
+  assert grok_moe.GenerationStats().decode_tokens_per_s == 0.0
