@@ -13,7 +13,7 @@ import numpy as np
 
 from grok_moe import checkpoint, model, sampling
 from grok_moe.config import ModelConfig
-from grok_moe.errors import ConfigError, InputError, TokenizerError
+from grok_moe.errors import InputError, TokenizerError
 from grok_moe.model import Routing
 from grok_moe.sharding import ShardingPlan, fetch
 from grok_moe.tokenizer import TextStream, Tokenizer
@@ -36,15 +36,15 @@ def _find_tokenizer(checkpoint_path) -> str:
 class GenerationStats:
   """Counts and times of the last generate/stream call.
 
-  The first token's time includes compiling the prefill, the second's
-  compiling the decode step (once per shape), so the decode rate is taken
-  from the second token on.
+  The first step's time includes compiling the prefill, the second's
+  compiling the decode step (once per shape), so the decode rate counts only
+  the steps after the second.
   """
   new_tokens: int = 0
   first_token_s: float = 0.0   # prefill and the first sample
   second_token_s: float = 0.0  # ... and the first decode step
   total_s: float = 0.0
-  steps: int = 0               # tokens per row, at most
+  steps: int = 0               # steps of the sampler (one token per active row each)
   steady_tokens: int = 0       # tokens of the steps after the second
 
   @property
@@ -79,8 +79,7 @@ class Model:
     """`sharding` runs the model on a mesh (see grok_moe.sharding); params not yet
     placed by it are placed now."""
     if sharding is not None:
-      if sharding.config != config:
-        raise ConfigError("the sharding plan was made for another config")
+      sharding.check_config(config)
       params = sharding.shard_params(params)
     self.params = params
     self.config = config

@@ -30,7 +30,6 @@ import numpy as np
 
 from grok_moe import manifest, moe, quant
 from grok_moe.config import ModelConfig
-from grok_moe.errors import ConfigError
 from grok_moe.kv_cache import KVCache
 
 MASKED_LOGIT = -1e30
@@ -468,9 +467,7 @@ def forward(params, tokens, config: ModelConfig, *, dtype=jnp.bfloat16, position
   """
   tokens = jnp.asarray(tokens, jnp.int32)
   if sharding is not None:
-    if sharding.config != config:
-      raise ConfigError("the sharding plan was made for another config; build it with "
-                        "ShardingPlan(config, mesh) for this one")
+    sharding.check_config(config)
     params, tokens, positions, cache = sharding.put_inputs(params, tokens, positions, cache)
   return _forward(params, tokens, positions, cache, config=config,
                   dtype=_dtype_name(dtype), return_routing=return_routing, tile_size=tile_size,

@@ -36,7 +36,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 from grok_moe import manifest, model, moe, quant
 from grok_moe.config import ModelConfig
-from grok_moe.errors import MeshError
+from grok_moe.errors import ConfigError, MeshError
 from grok_moe.kv_cache import KVCache, init_cache
 
 DATA = "data"
@@ -186,6 +186,12 @@ class ShardingPlan:
                       f"got {tuple(self.mesh.axis_names)}")
     for name in manifest.parameter_shapes(self.config.replace(num_layers=1)):
       self.weight_spec(name)  # raises MeshError for a config the mesh cannot split
+
+  def check_config(self, config: ModelConfig) -> None:
+    """Raises ConfigError unless this plan was made for `config`."""
+    if config != self.config:
+      raise ConfigError("the sharding plan was made for another config; build it with "
+                        "ShardingPlan(config, mesh) for this one")
 
   # --- Sizes. ---
 
