@@ -34,6 +34,7 @@ import time
 
 import jax
 
+from grok_moe import params as param_table
 from grok_moe import checkpoint, manifest, quant
 from grok_moe.config import BENCH
 from tests import helpers
@@ -94,7 +95,7 @@ def _checkpoint_bytes(config) -> int:
   """Bytes of tensor data in the release form: int8 + bf16 scales, or float32."""
   total = 0
   for name, shape in manifest.parameter_shapes(config).items():
-    row_blocks = quant.row_blocks_for(name)
+    row_blocks = param_table.row_blocks_for(name)
     if row_blocks is None:
       total += 4 * math.prod(shape)
     else:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import counts, limits
+from grok_moe import params as param_table
 from grok_moe import manifest, moe, quant, sampling, sharding
 from grok_moe.config import BENCH, GROK_1, ModelConfig
 from grok_moe.kv_cache import KVCache
@@ -153,7 +154,7 @@ def random_params(config: ModelConfig, seed: int = 0):
   flat = {}
   for index, (name, shape) in enumerate(sorted(manifest.parameter_shapes(config).items())):
     leaf_key = jax.random.fold_in(key, index)
-    blocks = quant.row_blocks_for(name)
+    blocks = param_table.row_blocks_for(name)
     if name.endswith("/scale"):
       flat[name] = jnp.ones(shape, jnp.float32)
     elif blocks is None:  # embeddings and router

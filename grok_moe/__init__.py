@@ -8,10 +8,12 @@ from grok_moe.errors import (CheckpointError, ConfigError, GrokMoeError, InputEr
                              MeshError, TokenizerError)
 from grok_moe.kv_cache import KVCache, init_cache
 from grok_moe.manifest import checkpoint_manifest, parameter_shapes
-from grok_moe.model import ModelOutput, Routing, forward, init_params
+from grok_moe.memory import MemoryPlan, memory_plan
+from grok_moe.model import ModelOutput, Routing, forward
+from grok_moe.params import abstract_params, init_params, stack_release
 from grok_moe.quant import QuantizedWeight, dequantize, quantize
 from grok_moe.sampling import SamplingConfig
-from grok_moe.sharding import MemoryPlan, ShardingPlan, make_mesh, memory_plan
+from grok_moe.sharding import ShardingPlan, make_mesh
 from grok_moe.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -20,7 +22,8 @@ __all__ = [
     "BENCH", "GROK_1", "PRESETS", "TINY", "CheckpointError", "ConfigError", "GenerationStats",
     "GrokMoeError", "InputError", "KVCache", "MemoryPlan", "MeshError", "Model", "ModelConfig",
     "ModelOutput", "QuantizedWeight", "Routing", "SamplingConfig", "ShardingPlan", "Tokenizer",
-    "TokenizerError", "checkpoint_config", "checkpoint_manifest", "dequantize", "forward",
+    "TokenizerError", "abstract_params", "checkpoint_config", "checkpoint_manifest",
+    "dequantize", "forward",
     "init_cache", "init_params", "load_checkpoint", "make_mesh", "memory_plan",
-    "parameter_shapes", "quantize", "quantize_params", "save_checkpoint",
+    "parameter_shapes", "quantize", "quantize_params", "save_checkpoint", "stack_release",
 ]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok_moe import checkpoint, model, sampling
+from grok_moe import params as param_table
 from grok_moe.config import ModelConfig
 from grok_moe.errors import InputError, TokenizerError
 from grok_moe.model import Routing
@@ -81,7 +82,7 @@ class Model:
     if sharding is not None:
       sharding.check_config(config)
       params = sharding.shard_params(params)
-    self.params = params
+    self.params = param_table.as_stacked(params, config)
     self.config = config
     self.tokenizer = tokenizer
     self.dtype = jnp.dtype(dtype).name
@@ -112,8 +113,7 @@ class Model:
     if not isinstance(tokenizer, Tokenizer):
       tokenizer = Tokenizer(tokenizer if tokenizer is not None else _find_tokenizer(path))
     tokenizer.check_fits(config)
-    params = checkpoint.load_checkpoint(path, config, progress=progress,
-                                        place=None if plan is None else plan.place)
+    params = checkpoint.load_checkpoint(path, config, progress=progress, sharding=plan)
     return cls(params, config, tokenizer, dtype, sharding=plan)
 
   # --- Text in, text out. ---

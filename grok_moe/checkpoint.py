@@ -5,7 +5,7 @@ per file in the order of `manifest.checkpoint_manifest`, and, for any config
 other than Grok-1, `D/config.json`. Float-only tensors (embeddings, norm
 scales, router) are float32 numpy arrays; every other weight is a
 `__main__.QuantizedWeight8bit` record of an int8 `weight` and bfloat16
-`scales` in the layout `quant.row_blocks_for` gives it.
+`scales` in the layout `param_table.row_blocks_for` gives it.
 
 Loading (`load_checkpoint`):
   1. Find ckpt-0 and the config (argument, config.json, or Grok-1 for 770 files).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import math
 import os
@@ -45,10 +46,13 @@ import ml_dtypes
 import numpy as np
 import tqdm
 
+from grok_moe import params as param_table
 from grok_moe import manifest
 from grok_moe import quant, release_pickle
+from grok_moe import sharding as sharding_module
 from grok_moe.config import GROK_1, ModelConfig
 from grok_moe.errors import CheckpointError, ConfigError
+from grok_moe.sharding import ShardingPlan
 
 TENSOR_DIR = "ckpt-0"
 CONFIG_FILE = "config.json"
@@ -82,7 +86,7 @@ def _describe(value) -> str:
 
 
 def _expected_form(name: str, shape: tuple[int, ...]) -> str:
-  if quant.row_blocks_for(name) is None:
+  if param_table.row_blocks_for(name) is None:
     return f"float32 array of shape {shape}"
   *batch, rows, cols = shape
   return (f"QuantizedWeight8bit(weight: int8 array of shape {shape}, scales: bfloat16 "
@@ -107,7 +111,7 @@ def _check_tensor(value, name: str, shape: tuple[int, ...], file_path: pathlib.P
   dividing K (the release uses R = 1 and R = 8). Nothing is converted, so a
   model is never silently changed.
   """
-  if quant.row_blocks_for(name) is None:
+  if param_table.row_blocks_for(name) is None:
     if isinstance(value, np.ndarray) and value.dtype == np.float32 and value.shape == shape:
       return value
   elif isinstance(value, release_pickle.QuantizedWeight8bitRecord):
@@ -121,7 +125,7 @@ def _check_tensor(value, name: str, shape: tuple[int, ...], file_path: pathlib.P
 
 def _minimum_file_size(name: str, shape: tuple[int, ...]) -> int:
   """Bytes of tensor data a file holding `name` must at least contain."""
-  if quant.row_blocks_for(name) is None:
+  if param_table.row_blocks_for(name) is None:
     return math.prod(shape) * 4
   *batch, _, cols = shape
   return math.prod(shape) + math.prod(batch) * cols * 2  # int8 weight + >= 1 row of bf16 scales
@@ -249,55 +253,160 @@ def place_on_default_device(name: str, leaf):
   return jax.block_until_ready(jax.device_put(leaf))
 
 
-def load_checkpoint(path, config: ModelConfig | None = None, *,
-                    place: Place | None = None, max_workers: int = 4,
-                    progress: bool = True) -> dict[str, dict[str, Any]]:
-  """The Haiku params of the checkpoint at `path` (D or D/ckpt-0).
+def read_release_tensors(path, config: ModelConfig, *, max_workers: int = 4,
+                         progress: bool = True):
+  """Yields (manifest entry, host leaf) for every tensor of the checkpoint, in file order.
 
-  `config` is needed only when there is no config.json and it is not the
-  770-tensor Grok-1 release (see `checkpoint_config`). Up to `max_workers`
-  threads read and check files ahead; `place(name, leaf)` is called in the
-  calling thread, in file order, with each leaf as soon as it is read (a
-  float32 numpy array or a QuantizedWeight of numpy int8 weight and bfloat16
-  scales) and returns the leaf to keep; the host copy is dropped right after.
-  So at most max_workers + 1 tensors are in host memory at once.
+  Up to `max_workers` threads read and check files ahead of the consumer, so
+  at most max_workers + 1 tensors are in host memory at once if the consumer
+  drops each leaf before taking the next. A leaf is a float32 numpy array or
+  a QuantizedWeight of numpy int8 weight and bfloat16 scales.
   """
   if max_workers < 1:
     raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-  place = place or place_on_default_device
-  config = checkpoint_config(path, config)
   _, tensor_dir = _checkpoint_dirs(path)
   entries = manifest.checkpoint_manifest(config)
   _check_tensor_files(tensor_dir, config, entries)
   file_paths = [tensor_dir / tensor_file_name(entry.file_index) for entry in entries]
   sizes = [file_path.stat().st_size for file_path in file_paths]
 
-  flat = {}
   bar = tqdm.tqdm(total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"loading {tensor_dir}", file=sys.stderr, disable=not progress)
   executor = concurrent.futures.ThreadPoolExecutor(max_workers, "read-tensor")
+  finished = False
   try:
     reads = (executor.submit(_read_tensor_file, file_path, entry)  # submitted lazily
              for entry, file_path in zip(entries, file_paths))
     pending = collections.deque(itertools.islice(reads, max_workers))  # in file order
-    for entry, size in zip(entries, sizes):
+    for done, (entry, size) in enumerate(zip(entries, sizes), start=1):
       host_leaf = pending.popleft().result()
       pending.extend(itertools.islice(reads, 1))
-      flat[entry.name] = place(entry.name, host_leaf)
+      yield entry, host_leaf
       del host_leaf
-      bar.set_postfix_str(f"{len(flat)}/{len(entries)} tensors", refresh=False)
+      bar.set_postfix_str(f"{done}/{len(entries)} tensors", refresh=False)
       bar.update(size)
+    finished = True
   finally:
-    executor.shutdown(wait=True, cancel_futures=True)
+    # On an error or Ctrl-C, do not wait for a worker stuck in a read.
+    executor.shutdown(wait=finished, cancel_futures=True)
     bar.close()
-  return manifest.unflatten(flat)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stack, leaf, layer):
+  """stack [L, ...] with layer `layer` replaced by leaf [...], in place (the stack is donated)."""
+  return jax.tree.map(lambda whole, part: whole.at[layer].set(part), stack, leaf)
+
+
+class _StackedTarget:
+  """The stacked, already placed arrays the release's per-layer tensors are written into.
+
+  Each tensor kind's stack [L, ...] is allocated, zero and in its final
+  sharding, when its first layer arrives (whose scales give the layout);
+  every layer is placed in the layout of one slice of the stack and written
+  into its slot in place. Device memory holds the stacks plus one layer's
+  tensor: nothing is stacked on the host or copied after.
+  """
+
+  def __init__(self, config: ModelConfig, plan: ShardingPlan | None):
+    self.config, self.plan = config, plan
+    self.flat: dict[str, Any] = {}
+    self.device = jax.devices()[0]
+
+  def _sharding(self, spec):
+    if self.plan is None:
+      return jax.sharding.SingleDeviceSharding(self.device)
+    return self.plan.sharding(spec)
+
+  def _shardings(self, path: str, leaf):
+    if self.plan is None:
+      return jax.tree.map(lambda _: self._sharding(None), leaf)
+    return jax.tree.map(self.plan.sharding, self.plan.leaf_spec(path, leaf))
+
+  def add(self, file_path: pathlib.Path, name: str, host_leaf) -> None:
+    spec, layer = param_table.spec_for_release_name(name)
+    if not spec.per_layer:
+      shardings = self._shardings(spec.path, host_leaf)
+      self.flat[spec.path] = jax.block_until_ready(jax.tree.map(_place, host_leaf, shardings))
+      return
+    stack = self.flat.get(spec.path)
+    if stack is None:
+      stack = self._allocate(spec, host_leaf)
+    elif (isinstance(host_leaf, quant.QuantizedWeight)
+          and host_leaf.scales.shape != stack.scales.shape[1:]):
+      raise CheckpointError(
+          f"{file_path} ({name}) has scales of shape {host_leaf.scales.shape}, but the "
+          f"other layers' {spec.name} have {stack.scales.shape[1:]}: one tensor kind must "
+          "use one scale layout in every layer. The file is corrupt or from another model.")
+    stack_shardings = jax.tree.map(lambda a: a.sharding, stack)
+    layer_shardings = jax.tree.map(_slice_sharding, stack_shardings)
+    placed = jax.tree.map(_place, host_leaf, layer_shardings)
+    self.flat[spec.path] = jax.block_until_ready(_write_layer(stack, placed, layer))
+
+  def _allocate(self, spec: param_table.ParamSpec, first_leaf):
+    stored = spec.stored_shape(self.config)
+    layers = stored[0]
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layers, *a.shape), a.dtype),
+                          first_leaf)
+    shardings = self._shardings(spec.path, shapes)
+    zeros = lambda s, sharding: jax.jit(  # noqa: E731
+        functools.partial(jnp.zeros, s.shape, s.dtype), out_shardings=sharding)()
+    return jax.tree.map(zeros, shapes, shardings,
+                        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
+def _slice_sharding(sharding):
+  """The sharding of one layer of an array [L, ...] laid out by `sharding`."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+        *tuple(sharding.spec)[1:]))
+  return sharding
+
+
+def _place(host, sharding):
+  """A host array as a device array in `sharding`, only the local shards copied."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding_module.put_array(host, sharding)
+  return jax.device_put(host, sharding)
+
+
+def load_checkpoint(path, config: ModelConfig | None = None, *,
+                    sharding: ShardingPlan | None = None, place: Place | None = None,
+                    max_workers: int = 4, progress: bool = True) -> dict[str, dict[str, Any]]:
+  """The params of the checkpoint at `path` (D or D/ckpt-0), stacked and on the device(s).
+
+  `config` is needed only when there is no config.json and it is not the
+  770-tensor Grok-1 release (see `checkpoint_config`). Files are read in the
+  release's order (`read_release_tensors`) and each layer's tensor is written
+  into its slot of the stacked array it belongs to, already laid out as
+  `sharding` (a ShardingPlan) says, or on the default device. Host memory
+  holds at most max_workers + 1 tensors; device memory the final arrays plus
+  one layer's tensor.
+
+  `place(name, leaf)`, when given, replaces all of that: it is called in the
+  calling thread, in file order, with each release tensor (numpy leaves) as
+  soon as it is read, and the release-named tree of what it returns comes back.
+  """
+  config = checkpoint_config(path, config)
+  if sharding is not None:
+    sharding.check_config(config)
+  tensors = read_release_tensors(path, config, max_workers=max_workers, progress=progress)
+  if place is not None:
+    return manifest.unflatten({entry.name: place(entry.name, leaf) for entry, leaf in tensors})
+  target = _StackedTarget(config, sharding)
+  _, tensor_dir = _checkpoint_dirs(path)
+  for entry, leaf in tensors:
+    target.add(tensor_dir / tensor_file_name(entry.file_index), entry.name, leaf)
+    del leaf
+  return param_table.unflatten({spec.path: target.flat[spec.path]
+                                for spec in param_table.PARAMS})
 
 
 # --- Quantizing and saving. ---
 
 def _release_leaf(name: str, leaf):
   """`leaf` in the release's form as numpy: float32, or int8 + bfloat16 scales."""
-  row_blocks = quant.row_blocks_for(name)
+  row_blocks = param_table.row_blocks_for(name)
   if row_blocks is None:
     if isinstance(leaf, quant.QuantizedWeight) or not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise CheckpointError(f"{name} must be a float array (the release keeps it "
@@ -326,35 +435,29 @@ def _describe_leaf(leaf) -> str:
   return f"{leaf.dtype} array of shape {tuple(leaf.shape)}"
 
 
-def quantize_params(params) -> dict[str, dict[str, Any]]:
-  """Params in the release's form: float weights quantized to int8 with bfloat16 scales.
+def quantize_params(params, config: ModelConfig | None = None) -> dict[str, dict[str, Any]]:
+  """Params in the release's storage: float weights quantized to int8 with bfloat16 scales.
 
-  Per output channel (R = 1) or in 8 row blocks, as `quant.row_blocks_for`
-  gives each name; float-only parameters become float32; QuantizedWeight
-  leaves are kept. Leaves come back as jax arrays.
+  Per output channel (R = 1) or in 8 row blocks, as the parameter table
+  gives each tensor kind (a stack [L, ...] is quantized layer by layer, the
+  same numbers); float-only tensors become float32; QuantizedWeight leaves
+  are kept. Release-named params stay release-named (`config` is not needed
+  then); stacked params need `config`. Leaves come back as jax arrays.
   """
   flat = {name: jax.tree.map(jnp.asarray, _release_leaf(name, leaf))
-          for name, leaf in manifest.flatten(params).items()}
-  return manifest.unflatten(flat)
+          for name, leaf in param_table.flatten(params).items()}
+  return param_table.unflatten(flat)
 
 
 def _params_for_config(params, config: ModelConfig) -> dict[str, Any]:
-  """{name: leaf} of `params`, or CheckpointError if they do not fit `config`."""
-  flat = manifest.flatten(params)
-  shapes = manifest.parameter_shapes(config)
-  missing = sorted(set(shapes) - set(flat))
-  extra = sorted(set(flat) - set(shapes))
-  if missing or extra:
-    raise CheckpointError(
-        f"params do not fit the config (num_layers={config.num_layers}): "
-        f"{len(missing)} missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}. "
-        "Pass the config the params were made for.")
-  for name, shape in shapes.items():
-    found = tuple(flat[name].shape)
-    if found != shape:
-      raise CheckpointError(f"{name} has shape {found}, the config needs {shape}. "
-                            "Pass the config the params were made for.")
-  return flat
+  """{release name: leaf} of `params` (stacked or release-named), or CheckpointError if
+  they do not fit `config`."""
+  try:
+    stacked = param_table.as_stacked(params, config)
+    param_table.check_stacked(stacked, config)
+  except ConfigError as error:
+    raise CheckpointError(f"{error}") from None
+  return dict(param_table.release_tensors(stacked, config))
 
 
 def _make_readable_by_all(directory: pathlib.Path) -> None:

@@ -1,20 +1,24 @@
-"""The Grok-1 forward pass as Haiku modules, with the release's parameter names.
+"""The Grok-1 forward pass: one Haiku model whose decoder layers run as a scan.
 
 Axis letters: B batch, T new tokens, S cache slots (or keys), D model width,
-V vocabulary, H query heads, K KV heads, G query heads per KV head (H = K*G),
-d head width, L layers, k experts per token.
+V vocabulary, H query heads, K KV heads, d head width, L layers, N = B*T
+tokens, k experts per token.
 
     x = embeddings[tokens] * embedding_multiplier_scale
     each layer:  h = x + rms_norm_1(attention(rms_norm(x)))
                  x = h + rms_norm_3(moe(rms_norm_2(h)))
     logits = rms_norm(x) @ embeddings.T * output_multiplier_scale
 
-Weights may be float or `quant.QuantizedWeight`; `quant.matmul` is the one
-place they are used, so the modules never ask which.
+The parameters are those of the table in `grok_moe.params`: the decoder
+layers' tensors stacked [L, ...], so the layers are one `lax.scan` whose body
+is `decoder_layer`, compiled once whatever L is. The KV cache [L, B, S, K, d]
+is carried through the scan whole and written in place at each layer's index.
 
-With a `sharding.ShardingPlan` (forward's `sharding=`), the int8 matmuls, the
-attention core and the expert dispatch call the plan's shard_map versions
-(`plan.matmul`, `plan.attend`, `plan.sparse_moe`) instead; nothing else changes.
+Weights may be float or `quant.QuantizedWeight`; `quant.matmul` is the one
+place they are used. With a `sharding.ShardingPlan`, the matmuls, the
+attention core and the expert dispatch run under shard_map
+(`grok_moe.sharded_ops`) with specs from the table's logical axes, and the
+activations between them are laid out by sharding constraints.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from typing import NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from grok_moe import manifest, moe, quant
+from grok_moe import attention, moe, quant, sharded_ops
+from grok_moe import params as P
 from grok_moe.config import ModelConfig
 from grok_moe.kv_cache import KVCache
-
-MASKED_LOGIT = -1e30
+from grok_moe.params import abstract_params, init_params  # noqa: F401  (re-exported)
+from grok_moe.sharding import ShardingPlan
 
 
 class Routing(NamedTuple):
@@ -41,330 +45,175 @@ class Routing(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-  logits: jax.Array          # [B, T, V] float32
+  logits: jax.Array          # [B, T, V] float32 ([B, 1, V] with logits_index)
   cache: KVCache | None
   routing: Routing | None
 
 
-def _init(fan_in: int):
-  return hk.initializers.TruncatedNormal(stddev=1 / math.sqrt(fan_in))
-
-
-def _truncated_normal(rng: np.random.Generator, shape, stddev: float) -> np.ndarray:
-  """Normal cut at 2 standard deviations, rescaled to `stddev` (as hk.initializers.TruncatedNormal)."""
-  unit = rng.standard_normal(shape, dtype=np.float32)
-  outside = np.abs(unit) > 2
-  while outside.any():  # redraw the values past the cut
-    unit[outside] = rng.standard_normal(int(outside.sum()), dtype=np.float32)
-    outside = np.abs(unit) > 2
-  return unit * np.float32(stddev / 0.87962566103423978)  # the std of a unit normal cut at +-2
-
-
-class RMSNorm(hk.Module):
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """scale * x / sqrt(mean(x^2) + eps), in float32; the scale is used as is."""
-
-  def __init__(self, eps: float, name: str):
-    super().__init__(name=name)
-    self.eps = eps
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32, init=jnp.ones)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (scale.astype(jnp.float32) * normed).astype(x.dtype)
-
-
-class Linear(hk.Module):
-  """x @ w without bias; w [in, out] float or int8 + scales."""
-
-  def __init__(self, output_size: int, name: str, sharding=None):
-    super().__init__(name=name)
-    self.output_size = output_size
-    self.sharding = sharding
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    fan_in = x.shape[-1]
-    w = hk.get_parameter("w", [fan_in, self.output_size], jnp.float32, init=_init(fan_in))
-    if self.sharding is not None:
-      return self.sharding.matmul(x, w, f"{self.module_name}/w")
-    return quant.matmul(x, w)
-
-
-class ExpertWeights(hk.Module):
-  """The stacked weight of one of the three expert projections, [E, in, out]."""
-
-  def __init__(self, shape: tuple[int, int, int], name: str):
-    super().__init__(name=name)
-    self.shape = shape
-
-  def __call__(self) -> quant.Weight:
-    return hk.get_parameter("w", list(self.shape), jnp.float32, init=_init(self.shape[1]))
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary embedding, rotate-half form. x [B, T, H, d], positions [B, T]."""
-  head_dim = x.shape[-1]
-  inv_freq = 1.0 / base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [d/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq                         # [B, T, d/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]                   # [B, T, 1, d]
   x32 = x.astype(jnp.float32)
-  first, second = jnp.split(x32, 2, axis=-1)                                           # [B, T, H, d/2]
-  rotated = jnp.concatenate([-second, first], axis=-1)                                 # [B, T, H, d]
-  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (scale.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-# `attend` reads a KV cache of more slots than this in chunks of this many.
-ATTENTION_CHUNK = 512
+class _Layer:
+  """What `decoder_layer` needs besides its weights: the config, the plan, the tile size."""
+
+  def __init__(self, config: ModelConfig, plan: ShardingPlan | None, tile_size: int | None):
+    self.config, self.plan, self.tile_size = config, plan, tile_size
+
+  def linear(self, x, weights, param: P.ParamSpec, layer):
+    """x [..., in] @ layer `layer` of the stacked weight of kind `param` [L, in, out]."""
+    if self.plan is None:
+      return quant.matmul(x, weights[param.name], index=layer)
+    return sharded_ops.matmul(x, weights[param.name], param, self.plan, layer)
+
+  def constrain(self, x, axes):
+    return x if self.plan is None else self.plan.constrain(x, axes)
 
 
-def _capped(scores, config: ModelConfig):
-  """Logits scaled by attn_output_multiplier and soft-capped, in float32."""
-  scores = scores.astype(jnp.float32) * config.attn_output_multiplier
-  return config.attn_logit_cap * jnp.tanh(scores / config.attn_logit_cap)
+def _attention(ctx: _Layer, weights, x, positions, token_valid, cache, layer):
+  """Grouped-query self-attention with RoPE over the new tokens, or the cache.
 
-
-def attend(q, keys, values, mask, config: ModelConfig, *, layer: int | None = None):
-  """Grouped-query attention with the soft logit cap.
-
-  q [B, T, H, d]; keys, values [B, S, K, d], or a whole cache [L, B, S, K, d]
-  with the `layer` to read; mask [B, T, S] -> [B, T, H*d], in q's dtype.
-  A cache of more than ATTENTION_CHUNK slots is read chunk by chunk
-  (`_attend_cache_in_chunks`), skipping the chunks no query sees.
+  x [B, T, D]; positions, token_valid [B, T]; cache None or (keys, values
+  [L, B, S, K, d], valid [B, S]). The new keys and values are written into
+  the whole cache at [layer, row, position] and attention reads that layer
+  there, never copied out. Returns [B, T, D] and the updated (keys, values).
   """
-  batch, num_new, _, head_dim = q.shape
-  q = q.reshape(batch, num_new, config.num_kv_heads, config.num_kv_groups, head_dim)  # [B, T, K, G, d]
-  num_slots = mask.shape[-1]
-  if layer is not None and num_slots > ATTENTION_CHUNK and num_slots % ATTENTION_CHUNK == 0:
-    out = _attend_cache_in_chunks(q, keys, values, layer, mask, config)             # [B, T, K, G, d]
+  cfg = ctx.config
+  batch, num_new, _ = x.shape
+  q = ctx.linear(x, weights, P.QUERY, layer).reshape(batch, num_new, cfg.num_q_heads, cfg.key_size)  # [B, T, H, d]
+  k = ctx.linear(x, weights, P.KEY, layer).reshape(batch, num_new, cfg.num_kv_heads, cfg.key_size)   # [B, T, K, d]
+  v = ctx.linear(x, weights, P.VALUE, layer).reshape(batch, num_new, cfg.num_kv_heads, cfg.key_size)  # [B, T, K, d]
+  q = attention.apply_rope(q, positions, cfg.rope_base)
+  k = attention.apply_rope(k, positions, cfg.rope_base)
+
+  if cache is None:
+    keys, values, key_positions, key_valid = k, v, positions, token_valid
+    read_layer = new_cache = None
   else:
-    if layer is not None:
-      keys, values = keys[layer], values[layer]                                     # [B, S, K, d]
-    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
-    scores = _capped(jnp.einsum("btkgd,bskd->bkgts", q, keys,
-                                preferred_element_type=jnp.float32), config)        # [B, K, G, T, S]
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_LOGIT)
-    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)                       # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskd->btkgd", weights, values)                          # [B, T, K, G, d]
-  return out.reshape(batch, num_new, config.q_size)                                 # [B, T, H*d]
+    cached_keys, cached_values, key_valid = cache                         # [L, B, S, K, d]
+    rows = jnp.arange(batch)[:, None]                                     # [B, 1]
+    keys = cached_keys.at[layer, rows, positions].set(k.astype(cached_keys.dtype), mode="drop")
+    values = cached_values.at[layer, rows, positions].set(
+        v.astype(cached_values.dtype), mode="drop")
+    key_positions = jnp.arange(keys.shape[2])[None, :]                    # [1, S]
+    read_layer, new_cache = layer, (keys, values)
+
+  # A key is seen if it holds a real token at or before the query's position.
+  mask = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
+  if ctx.plan is None:
+    out = attention.attend(q, keys, values, mask, cfg, layer=read_layer)  # [B, T, H*d]
+  else:
+    out = sharded_ops.attend(q, keys, values, mask, cfg, ctx.plan, layer=read_layer)
+  return ctx.linear(out, weights, P.ATTENTION_OUT, layer), new_cache
 
 
-def _attend_cache_in_chunks(q, cache_keys, cache_values, layer: int, mask, config: ModelConfig):
-  """Attention of q [B, T, K, G, d] over layer `layer` of a cache [L, B, S, K, d], read
-  in chunks of c = ATTENTION_CHUNK slots; mask [B, T, S] -> [B, T, K, G, d] in q's dtype.
+def _experts(ctx: _Layer, weights, x, layer):
+  """Top-k routed mixture of GELU-gated experts. x [N, D] -> [N, D], gates and indices [N, k]."""
+  cfg = ctx.config
+  router = quant.take(weights[P.ROUTER.name], layer)                      # [D, E]
+  gates, expert_indices = moe.route(x, router, cfg.num_selected_experts)
+  expert_params = (P.EXPERT_IN, P.EXPERT_GATE, P.EXPERT_OUT)
+  expert_weights = tuple(weights[param.name] for param in expert_params)  # [L, E, ...]
+  if ctx.plan is None:
+    out = moe.sparse_moe(x, gates, expert_indices, *expert_weights, tile_size=ctx.tile_size,
+                         layer=layer)
+  else:
+    out = sharded_ops.sparse_moe(x, gates, expert_indices, *expert_weights, expert_params,
+                                 ctx.plan, layer=layer, tile_size=ctx.tile_size)
+  return out, gates, expert_indices
 
-  Two `lax.scan`s over the chunks, so that the softmax is the plain one over
-  all S slots: (1) the logits of each chunk, (2) after the softmax, the sum
-  of weights @ values chunk by chunk. A chunk that no query sees (its mask is
-  all False: the empty end of the cache) is skipped with `lax.cond` and never
-  read: its logits are MASKED_LOGIT, its weights exactly 0 for any query that
-  sees a key. So a decode step costs what the filled part of the cache holds,
-  not its capacity.
 
-  Each chunk is used in its stored layout [B, c, K*d]: the queries are laid
-  out block-diagonally, qd [B, K*d, T*H] with query head (k, g) nonzero only
-  in the d columns of KV head k, so that both products are plain matrix
-  products (chunk @ qd, weights @ chunk) and no chunk is transposed. This
-  costs K times the (small) multiply-adds of the attention; the zero blocks
-  add exact zeros, so the result is the grouped attention's.
+def decoder_layer(ctx: _Layer, weights, x, positions, token_valid, cache, layer):
+  """One decoder layer: attention then mixture of experts, each in a pre- and a post-norm.
+
+  weights: {name within a layer: every layer's tensors [L, ...]}, of which
+  layer `layer` (a traced index) is used, read in place: slicing a layer out
+  first would copy all of its experts on every step, where decoding reads k.
+  x [B, T, D] -> x [B, T, D], the updated cache (keys, values) or None, and
+  the routing ([B, T, k] indices, gates).
   """
-  batch, num_new, kv_heads, groups, head_dim = q.shape
-  num_slots, chunk = mask.shape[-1], ATTENTION_CHUNK
-  num_chunks, width, queries = num_slots // chunk, kv_heads * head_dim, num_new * kv_heads * groups
-  eye = jnp.eye(kv_heads, dtype=q.dtype)                                            # [K, K]
-  q_blocks = jnp.einsum("btkgd,kj->bjdtkg", q, eye).reshape(batch, width, queries)  # [B, K*d, T*H]
-  mask_chunks = mask.reshape(batch, num_new, num_chunks, chunk)                     # [B, T, C, c]
-  seen = jnp.any(mask_chunks, axis=(0, 1, 3))                                       # [C]
-  mask_chunks = jnp.moveaxis(mask_chunks, 2, 0)                                     # [C, B, T, c]
-
-  def read(cache, index):
-    """Chunk `index` of this layer, [B, c, K*d]."""
-    start = (layer, 0, index * chunk, 0, 0)
-    piece = jax.lax.dynamic_slice(cache, start, (1, batch, chunk, kv_heads, head_dim))
-    return piece.reshape(batch, chunk, width).astype(q.dtype)
-
-  def chunk_scores(_, inputs):
-    index, chunk_seen, chunk_mask = inputs
-
-    def compute():
-      scores = jnp.einsum("bse,beq->bsq", read(cache_keys, index), q_blocks,
-                          preferred_element_type=jnp.float32)                      # [B, c, T*H]
-      scores = _capped(scores, config).reshape(batch, chunk, num_new, kv_heads * groups)
-      visible = jnp.swapaxes(chunk_mask, 1, 2)[..., None]                          # [B, c, T, 1]
-      return jnp.where(visible, scores, MASKED_LOGIT)                              # [B, c, T, H]
-
-    masked = jnp.full((batch, chunk, num_new, kv_heads * groups), MASKED_LOGIT, jnp.float32)
-    return None, jax.lax.cond(chunk_seen, compute, lambda: masked)
-
-  _, scores = jax.lax.scan(chunk_scores, None,
-                           (jnp.arange(num_chunks), seen, mask_chunks))             # [C, B, c, T, H]
-  scores = jnp.moveaxis(scores, 0, 1).reshape(batch, num_slots, queries)            # [B, S, T*H]
-  weights = jax.nn.softmax(scores, axis=1).astype(q.dtype)                          # [B, S, T*H]
-  weights = jnp.moveaxis(weights.reshape(batch, num_chunks, chunk, queries), 1, 0)  # [C, B, c, T*H]
-
-  def add_chunk(out, inputs):
-    index, chunk_seen, chunk_weights = inputs
-
-    def add(out):
-      return out + jnp.einsum("bsq,bse->bqe", chunk_weights, read(cache_values, index),
-                              preferred_element_type=jnp.float32)                   # [B, T*H, K*d]
-
-    return jax.lax.cond(chunk_seen, add, lambda out: out, out), None
-
-  out = jnp.zeros((batch, queries, width), jnp.float32)                             # [B, T*H, K*d]
-  out, _ = jax.lax.scan(add_chunk, out, (jnp.arange(num_chunks), seen, weights))
-  out = out.reshape(batch, num_new, kv_heads, groups, kv_heads, head_dim)           # [B, T, K, G, K, d]
-  return jnp.einsum("btkgjd,kj->btkgd", out, eye.astype(jnp.float32)).astype(q.dtype)
+  eps = ctx.config.rms_norm_eps
+  norm = lambda y, param: rms_norm(y, quant.take(weights[param.name], layer), eps)  # noqa: E731
+  attention_out, new_cache = _attention(ctx, weights, norm(x, P.PRE_ATTENTION_NORM), positions,
+                                        token_valid, cache, layer)
+  h = x + norm(attention_out, P.POST_ATTENTION_NORM)                      # [B, T, D]
+  batch, num_new, width = h.shape
+  moe_in = norm(h, P.PRE_MOE_NORM).reshape(batch * num_new, width)        # [N, D]
+  moe_out, gates, expert_indices = _experts(ctx, weights, moe_in, layer)
+  x = h + norm(moe_out.reshape(batch, num_new, width), P.POST_MOE_NORM)   # [B, T, D]
+  x = ctx.constrain(x, ("batch", None, None))
+  routing = (expert_indices.reshape(batch, num_new, -1), gates.reshape(batch, num_new, -1))
+  return x, new_cache, routing
 
 
-class MultiHeadAttention(hk.Module):
-  """Grouped-query self-attention with RoPE, over the new tokens or the cache."""
-
-  def __init__(self, config: ModelConfig, sharding=None):
-    super().__init__(name="multi_head_attention")
-    self.config = config
-    self.sharding = sharding
-
-  def __call__(self, x, positions, token_valid, layer_cache):
-    """x [B, T, D]; positions, token_valid [B, T]; layer_cache None or
-    (keys, values, valid, layer): the whole cache's keys and values
-    [L, B, S, K, d], its valid [B, S] and this layer's index.
-
-    Returns the output [B, T, D] and the updated whole (keys, values) or None:
-    the new keys and values are written into the whole cache in place, and
-    this layer's part is read from it there, never copied out.
-    """
-    cfg = self.config
-    batch, num_new, _ = x.shape
-    shard = self.sharding
-    q = Linear(cfg.q_size, name="query", sharding=shard)(x).reshape(
-        batch, num_new, cfg.num_q_heads, cfg.key_size)                    # [B, T, H, d]
-    k = Linear(cfg.kv_size, name="key", sharding=shard)(x).reshape(
-        batch, num_new, cfg.num_kv_heads, cfg.key_size)                   # [B, T, K, d]
-    v = Linear(cfg.kv_size, name="value", sharding=shard)(x).reshape(
-        batch, num_new, cfg.num_kv_heads, cfg.key_size)                   # [B, T, K, d]
-    q = apply_rope(q, positions, cfg.rope_base)
-    k = apply_rope(k, positions, cfg.rope_base)
-
-    if layer_cache is None:
-      keys, values, key_positions, key_valid = k, v, positions, token_valid
-      layer = new_layer_cache = None
-    else:
-      cached_keys, cached_values, key_valid, layer = layer_cache          # [L, B, S, K, d]
-      rows = jnp.arange(batch)[:, None]                                   # [B, 1]
-      keys = cached_keys.at[layer, rows, positions].set(k.astype(cached_keys.dtype), mode="drop")
-      values = cached_values.at[layer, rows, positions].set(
-          v.astype(cached_values.dtype), mode="drop")
-      key_positions = jnp.arange(keys.shape[2])[None, :]                  # [1, S]
-      new_layer_cache = (keys, values)
-
-    # A key is seen if it holds a real token at or before the query's position.
-    mask = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
-    attention = attend if shard is None else shard.attend
-    out = attention(q, keys, values, mask, cfg, layer=layer)              # [B, T, H*d]
-    return Linear(cfg.emb_size, name="linear", sharding=shard)(out), new_layer_cache
+def _initializer(spec: P.ParamSpec):
+  if spec.fan_in_axis is None:
+    return jnp.ones
+  def init(shape, dtype):
+    stddev = 1 / math.sqrt(shape[spec.fan_in_axis])
+    return hk.initializers.TruncatedNormal(stddev=stddev)(shape, dtype)
+  return init
 
 
-class Router(hk.Module):
-  """Chooses each token's experts: float32 softmax over all experts, then top-k."""
+def _get_parameters(specs, config: ModelConfig, prefix: str) -> dict[str, jax.Array]:
+  """{spec.name: tensor} of the table entries `specs` from the Haiku params, each under
+  its in-memory name less `prefix` (the calling module's own name).
 
-  def __init__(self, config: ModelConfig):
-    super().__init__(name="router")
-    self.config = config
+  Haiku renames a scope opened twice, so the module paths are opened as a
+  tree, each scope once.
+  """
+  tree: dict = {}
+  for spec in specs:
+    *modules, param = spec.path.removeprefix(prefix).split("/")
+    node = tree
+    for module in modules:
+      node = node.setdefault(module, {})
+    node[param] = spec
+  out = {}
 
-  def __call__(self, x):
-    """x [N, D] -> gates [N, k] float32, expert_indices [N, k] int32."""
-    width, num_experts = x.shape[-1], self.config.num_experts
-    w = hk.get_parameter("w", [width, num_experts], jnp.float32, init=_init(width))
-    return moe.route(x, w, self.config.num_selected_experts)
+  def visit(node):
+    for key, child in node.items():
+      if isinstance(child, P.ParamSpec):
+        out[child.name] = hk.get_parameter(key, list(child.stored_shape(config)), jnp.float32,
+                                           init=_initializer(child))
+      else:
+        with hk.name_scope(key):
+          visit(child)
 
-
-class MoEFeedForward(hk.Module):
-  """Top-k routed mixture of GELU-gated experts; see `moe.sparse_moe` for dispatch."""
-
-  def __init__(self, config: ModelConfig, tile_size: int | None, sharding=None):
-    super().__init__(name="moe")
-    self.config = config
-    self.tile_size = tile_size
-    self.sharding = sharding
-
-  def __call__(self, x, gates, expert_indices):
-    """x [N, D], gates and expert_indices [N, k] -> [N, D]."""
-    cfg = self.config
-    E, D, F = cfg.num_experts, cfg.emb_size, cfg.ffn_size
-    w_in = ExpertWeights((E, D, F), name="linear")()
-    w_v = ExpertWeights((E, D, F), name="linear_v")()
-    w_out = ExpertWeights((E, F, D), name="linear_1")()
-    dispatch = moe.sparse_moe if self.sharding is None else self.sharding.sparse_moe
-    return dispatch(x, gates, expert_indices, w_in, w_v, w_out, tile_size=self.tile_size)
-
-
-class DecoderLayer(hk.Module):
-  """Attention then mixture of experts, each wrapped in a pre- and a post-norm."""
-
-  def __init__(self, config: ModelConfig, tile_size: int | None, name: str, sharding=None):
-    super().__init__(name=name)
-    self.config = config
-    self.tile_size = tile_size
-    self.sharding = sharding
-
-  def __call__(self, x, positions, token_valid, layer_cache):
-    cfg = self.config
-    eps = cfg.rms_norm_eps
-    pre_attention = RMSNorm(eps, name="rms_norm")
-    post_attention = RMSNorm(eps, name="rms_norm_1")
-    pre_moe = RMSNorm(eps, name="rms_norm_2")
-    post_moe = RMSNorm(eps, name="rms_norm_3")
-
-    attention_out, new_layer_cache = MultiHeadAttention(cfg, self.sharding)(
-        pre_attention(x), positions, token_valid, layer_cache)
-    h = x + post_attention(attention_out)                                 # [B, T, D]
-
-    batch, num_new, width = h.shape
-    moe_in = pre_moe(h).reshape(batch * num_new, width)                    # [N, D]
-    gates, expert_indices = Router(cfg)(moe_in)
-    moe_out = MoEFeedForward(cfg, self.tile_size, self.sharding)(moe_in, gates, expert_indices)
-    x = h + post_moe(moe_out.reshape(batch, num_new, width))               # [B, T, D]
-    routing = (expert_indices.reshape(batch, num_new, -1), gates.reshape(batch, num_new, -1))
-    return x, new_layer_cache, routing
+  visit(tree)
+  return out
 
 
 class Transformer(hk.Module):
-  """The stack of decoder layers."""
+  """The decoder layers, their weights stacked [L, ...] and run by one `lax.scan`."""
 
-  def __init__(self, config: ModelConfig, tile_size: int | None, sharding=None):
+  def __init__(self, config: ModelConfig, plan: ShardingPlan | None, tile_size: int | None):
     super().__init__(name="transformer")
-    self.config = config
-    self.tile_size = tile_size
-    self.sharding = sharding
+    self.ctx = _Layer(config, plan, tile_size)
 
   def __call__(self, x, positions, token_valid, cache_keys, cache_values, cache_valid):
-    """x [B, T, D] -> x [B, T, D], updated cache keys and values [L, B, S, K, d] or None,
-    and per-layer routing [L, B, T, k]."""
-    layer_indices, layer_gates = [], []
-    for layer in range(self.config.num_layers):
-      layer_cache = None
-      if cache_keys is not None:
-        layer_cache = (cache_keys, cache_values, cache_valid, layer)
-      x, new_layer_cache, (indices, gates) = DecoderLayer(
-          self.config, self.tile_size, name=f"decoder_layer_{layer}", sharding=self.sharding)(
-              x, positions, token_valid, layer_cache)
-      if new_layer_cache is not None:
-        cache_keys, cache_values = new_layer_cache
-      layer_indices.append(indices)
-      layer_gates.append(gates)
-    return x, cache_keys, cache_values, Routing(jnp.stack(layer_indices), jnp.stack(layer_gates))
+    """x [B, T, D] -> x [B, T, D], the cache keys and values [L, B, S, K, d] (or None)
+    and the routing [L, B, T, k]."""
+    config = self.ctx.config
+    stacked = _get_parameters(P.LAYER_PARAMS, config, "transformer/")   # {name: [L, ...]}
 
+    def body(carry, layer):
+      x, keys, values = carry
+      cache = None if keys is None else (keys, values, cache_valid)
+      x, new_cache, routing = decoder_layer(self.ctx, stacked, x, positions, token_valid,
+                                            cache, layer)
+      if new_cache is not None:
+        keys, values = new_cache
+      return (x, keys, values), routing
 
-class InOutEmbed(hk.Module):
-  """The embedding table, shared by the input lookup and the output projection."""
-
-  def __init__(self, config: ModelConfig):
-    super().__init__(name="in_out_embed")
-    self.config = config
-
-  def __call__(self) -> jax.Array:
-    shape = [self.config.vocab_size, self.config.emb_size]
-    return hk.get_parameter("embeddings", shape, jnp.float32, init=_init(self.config.emb_size))
+    # The stacked weights are loop invariants, indexed by the layer inside the body.
+    layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x, keys, values), (indices, gates) = jax.lax.scan(
+        body, (x, cache_keys, cache_values), layers)
+    return x, keys, values, Routing(indices, gates)
 
 
 class LanguageModel(hk.Module):
@@ -375,14 +224,15 @@ class LanguageModel(hk.Module):
     self.config = config
     self.transformer = transformer
 
-  def __call__(self, tokens, positions, cache: KVCache | None, dtype) -> ModelOutput:
+  def __call__(self, tokens, token_valid, positions, cache: KVCache | None, logits_index,
+               dtype) -> ModelOutput:
     cfg = self.config
-    token_valid = tokens > cfg.pad_token                                          # [B, T]
     if positions is None:
       start = 0 if cache is None else cache.lengths[:, None]
       positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]   # [B, T]
 
-    embeddings = InOutEmbed(cfg)()                                                # [V, D]
+    own = _get_parameters((P.EMBEDDINGS, P.FINAL_NORM), cfg, "language_model/")
+    embeddings = own[P.EMBEDDINGS.name]                                           # [V, D]
     x = embeddings.astype(dtype)[tokens] * jnp.asarray(cfg.embedding_multiplier_scale, dtype)  # [B, T, D]
 
     if cache is None:
@@ -397,78 +247,85 @@ class LanguageModel(hk.Module):
       new_cache = KVCache(keys=keys, values=values, valid=valid,
                           lengths=jnp.maximum(cache.lengths, ends).astype(jnp.int32))
 
-    x = RMSNorm(cfg.rms_norm_eps, name="rms_norm")(x)
+    if logits_index is not None:
+      x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)             # [B, 1, D]
+    x = rms_norm(x, own[P.FINAL_NORM.name], cfg.rms_norm_eps)
     logits = jnp.einsum("btd,vd->btv", x, embeddings.astype(dtype),
                         preferred_element_type=jnp.float32)                       # [B, T, V]
     return ModelOutput(logits * cfg.output_multiplier_scale, new_cache, routing)
 
 
-def _dtype_name(dtype) -> str:
-  return jnp.dtype(dtype).name
-
-
 @functools.lru_cache(maxsize=None)
-def _transformed(config: ModelConfig, dtype_name: str, tile_size: int | None, sharding=None):
-  def model_fn(tokens, positions=None, cache=None):
+def transformed(config: ModelConfig, dtype_name: str, tile_size: int | None,
+                plan: ShardingPlan | None = None):
+  """The Haiku-transformed model: apply(params, tokens, token_valid, positions, cache,
+  logits_index)."""
+  def model_fn(tokens, token_valid, positions=None, cache=None, logits_index=None):
     # The transformer is built outside language_model so that its parameters
     # are named "transformer/..." at the top level, as in the release.
-    transformer = Transformer(config, tile_size, sharding)
-    return LanguageModel(config, transformer)(tokens, positions, cache, jnp.dtype(dtype_name))
+    transformer = Transformer(config, plan, tile_size)
+    return LanguageModel(config, transformer)(tokens, token_valid, positions, cache,
+                                              logits_index, jnp.dtype(dtype_name))
   return hk.without_apply_rng(hk.transform(model_fn))
 
 
-def abstract_params(config: ModelConfig):
-  """The parameter tree the Haiku modules create, as ShapeDtypeStructs (no weights, no compute)."""
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(_transformed(config, "float32", None).init, jax.random.PRNGKey(0), tokens)
-
-
-def init_params(config: ModelConfig, seed: int = 0):
-  """Random float32 parameters with the release's names and shapes.
-
-  Norm scales are 1; every other tensor is truncated normal with standard
-  deviation 1/sqrt(fan_in) (the input width: D for the embeddings and the
-  router), as the modules' own initializers. Built tensor by tensor, without
-  tracing the model.
-  """
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for name, shape in sorted(manifest.parameter_shapes(config).items()):
-    if name.endswith("/scale"):
-      flat[name] = jnp.ones(shape, jnp.float32)
-      continue
-    fan_in = shape[-1] if name.endswith("embeddings") else shape[-2]
-    flat[name] = jnp.asarray(_truncated_normal(rng, shape, 1 / math.sqrt(fan_in)))
-  return manifest.unflatten(flat)
-
-
-@functools.partial(jax.jit,
-                   static_argnames=("config", "dtype", "return_routing", "tile_size", "sharding"))
-def _forward(params, tokens, positions, cache, *, config, dtype, return_routing, tile_size,
-             sharding):
-  out = _transformed(config, dtype, tile_size, sharding).apply(params, tokens, positions, cache)
+def apply(params, tokens, token_valid, positions, cache, logits_index, *, config, dtype,
+          return_routing, tile_size=None, sharding=None) -> ModelOutput:
+  """The forward pass on prepared inputs, to be called inside jit (see `forward`)."""
+  out = transformed(config, jnp.dtype(dtype).name, tile_size, sharding).apply(
+      params, tokens, token_valid, positions, cache, logits_index)
   return out if return_routing else out._replace(routing=None)
 
 
-def forward(params, tokens, config: ModelConfig, *, dtype=jnp.bfloat16, positions=None,
-            cache: KVCache | None = None, return_routing: bool = False,
-            tile_size: int | None = None, sharding=None) -> ModelOutput:
+_apply_jit = jax.jit(apply, static_argnames=("config", "dtype", "return_routing", "tile_size",
+                                             "sharding"))
+
+
+def release_token_valid(tokens, config: ModelConfig) -> jax.Array:
+  """The original release's rule for which tokens are real: ids above pad_token
+  (GROK1_SPEC.md). grok_moe never applies it itself; pass it as `token_valid` to
+  reproduce the release on inputs padded with pad_token."""
+  return jnp.asarray(tokens) > config.pad_token
+
+
+def forward(params, tokens, config: ModelConfig, *, dtype=jnp.bfloat16, token_valid=None,
+            positions=None, cache: KVCache | None = None, logits_index=None,
+            return_routing: bool = False, tile_size: int | None = None,
+            sharding: ShardingPlan | None = None) -> ModelOutput:
   """Logits of `tokens` [B, T] (and the updated cache, and the routing when asked).
 
-  Without a cache every row attends to its own tokens; with one, the new
-  tokens are written at their positions (default: each row's `lengths`
-  onwards) and attend to everything cached before them. Token `pad_token` is
-  never attended to. Activations are in `dtype` (bfloat16 or float32); the
-  router, norms, softmax and logits are float32.
+  `token_valid` [B, T] bool marks the real tokens (default: all); the others
+  (padding) are never attended to and never counted in the cache's lengths,
+  whatever their id (`release_token_valid` gives the release's rule, ids
+  above pad_token). Without a cache every row attends to its own tokens;
+  with one, the new tokens are written at their positions (default: each
+  row's `lengths` onwards) and attend to everything cached before them.
+  `logits_index` [B] computes the logits of one position per row only
+  ([B, 1, V]). Activations are in `dtype` (bfloat16 or float32); the router,
+  norms, softmax and logits are float32.
 
-  `sharding`, a `grok_moe.sharding.ShardingPlan` for this config, runs the
-  pass over the plan's mesh; params, tokens and cache not yet placed the
-  plan's way are placed first (`ShardingPlan.shard_params` once saves that).
+  `params` are the stacked tree (`grok_moe.params`); release-named params
+  (decoder_layer_{i}) are stacked first, a copy on every call. `sharding`, a
+  `grok_moe.sharding.ShardingPlan` for this config, runs the pass over the
+  plan's mesh; params, tokens and cache not yet placed its way are placed first.
   """
   tokens = jnp.asarray(tokens, jnp.int32)
+  if token_valid is None:
+    token_valid = jnp.ones(tokens.shape, bool)
+  token_valid = jnp.asarray(token_valid, bool)
+  params = P.as_stacked(params, config)
+  if logits_index is not None:
+    logits_index = jnp.asarray(logits_index, jnp.int32)
   if sharding is not None:
     sharding.check_config(config)
-    params, tokens, positions, cache = sharding.put_inputs(params, tokens, positions, cache)
-  return _forward(params, tokens, positions, cache, config=config,
-                  dtype=_dtype_name(dtype), return_routing=return_routing, tile_size=tile_size,
-                  sharding=sharding)
+    params = sharding.shard_params(params)
+    tokens, token_valid = sharding.put_batch(tokens), sharding.put_batch(token_valid)
+    if positions is not None:
+      positions = sharding.put_batch(positions)
+    if logits_index is not None:
+      logits_index = sharding.put_batch(logits_index)
+    if cache is not None:
+      cache = sharding.shard_cache(cache)
+  return _apply_jit(params, tokens, token_valid, positions, cache, logits_index, config=config,
+                    dtype=jnp.dtype(dtype).name, return_routing=return_routing,
+                    tile_size=tile_size, sharding=sharding)

@@ -37,11 +37,12 @@ def expert_ffn(x: jax.Array, w_in: quant.Weight, w_v: quant.Weight,
   return quant.matmul(hidden, w_out)                                  # [C, D]
 
 
-def _indexed_expert_ffn(x, w_in, w_v, w_out, expert):
-  """expert_ffn with expert `expert` of the stacks [E, ...], read in place. x [C, D] -> [C, D]."""
-  hidden = (jax.nn.gelu(quant.matmul(x, w_in, expert=expert))
-            * quant.matmul(x, w_v, expert=expert))                           # [C, F]
-  return quant.matmul(hidden, w_out, expert=expert)                         # [C, D]
+def _indexed_expert_ffn(x, w_in, w_v, w_out, index):
+  """expert_ffn with the expert at `index` of the stacks ([E, ...] or [L, E, ...]), read in
+  place. x [C, D] -> [C, D]."""
+  hidden = (jax.nn.gelu(quant.matmul(x, w_in, index=index))
+            * quant.matmul(x, w_v, index=index))                             # [C, F]
+  return quant.matmul(hidden, w_out, index=index)                           # [C, D]
 
 
 def dense_moe(x, gates, expert_indices, w_in, w_v, w_out):
@@ -77,7 +78,7 @@ def _last_tile_sizes(tile: int) -> tuple[int, ...]:
   return (*sizes, tile)
 
 
-def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
+def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, layer=None):
   """Each token through its k selected experts only; no token is dropped.
 
   Algorithm (A = N*k assignments, C rows a tile, at most N):
@@ -97,13 +98,17 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
   Weights: with tiles of more than quant.CHUNKED_MAX_ROWS rows (prefill,
   training) an expert's weights are dequantized once for all its tiles; with
   fewer (decode) `quant.matmul` reads its int8 weights in place, chunk by chunk.
+  `layer` (an int or traced index) selects one layer of weights stacked
+  [L, E, ...], read in place.
   Work: A rows of FFN plus the padding of one partial tile per expert,
   instead of the dense N*E. Every loop has a static trip count, so the
   function is reverse-differentiable (for training the demo).
   """
   num_tokens, width = x.shape
   k = expert_indices.shape[-1]
-  num_experts = w_in.shape[0]
+  num_experts = w_in.shape[-3]
+  # With `layer`, the weights are every layer's stacks [L, E, ...], read at [layer, expert].
+  prefix = () if layer is None else (layer,)
   num_assignments = num_tokens * k
   tile = _tile_size_for(num_tokens, tile_size)
   last_tile_sizes = _last_tile_sizes(tile)
@@ -123,12 +128,12 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
 
     def process(out):
       if convert_once:  # dequantize the expert's weights once for all its tiles
-        weights = [quant.dequantize(quant.take(w, expert), x.dtype)
+        weights = [quant.dequantize(quant.take(w, prefix + (expert,)), x.dtype)
                    for w in (w_in, w_v, w_out)]                                # [D, F], [D, F], [F, D]
         ffn = functools.partial(expert_ffn, w_in=weights[0], w_v=weights[1], w_out=weights[2])
       else:  # few rows: quant.matmul reads the expert's weights in place
         ffn = functools.partial(_indexed_expert_ffn, w_in=w_in, w_v=w_v, w_out=w_out,
-                                expert=expert)
+                                index=prefix + (expert,))
 
       def run_rows(out, first, size: int):
         """The expert's rows first .. first + size (those below count) onto out."""

@@ -18,13 +18,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-# Scale row blocks per weight in the release: every weight not listed here is
-# quantized per output channel (one block).
-RELEASE_ROW_BLOCKS = {"multi_head_attention/linear": 8, "moe/linear_1": 8}
-# Weights the release keeps in float32 (never quantized).
-FLOAT_WEIGHTS = ("in_out_embed", "rms_norm", "router")
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
@@ -49,16 +42,6 @@ class QuantizedWeight:
 Weight = jax.Array | QuantizedWeight
 
 
-def row_blocks_for(name: str) -> int | None:
-  """Scale row blocks the release uses for the parameter `name`; None if it stays float."""
-  if any(part in name for part in FLOAT_WEIGHTS):
-    return None
-  for suffix, blocks in RELEASE_ROW_BLOCKS.items():
-    if name.endswith(suffix) or name.endswith(suffix + "/w"):
-      return blocks
-  return 1
-
-
 def dequantize(w: Weight, dtype=jnp.float32) -> jax.Array:
   """The real weight in `dtype`: `weight * scales`, row block by row block."""
   if not isinstance(w, QuantizedWeight):
@@ -76,27 +59,37 @@ CHUNKED_MAX_ROWS = 32
 CHUNK_BYTES = 256 * 1024
 
 
-def matmul(x: jax.Array, w: Weight, *, expert=None) -> jax.Array:
+def _as_index(index) -> tuple:
+  """A leading index as a tuple: None -> (), an int or traced scalar -> (index,)."""
+  if index is None:
+    return ()
+  return tuple(index) if isinstance(index, (tuple, list)) else (index,)
+
+
+def matmul(x: jax.Array, w: Weight, *, index=None, expert=None) -> jax.Array:
   """x [..., K] @ w [K, N] -> [..., N] in x's dtype, dequantizing w inside the computation.
 
-  With `expert`, w is a stack [E, K, N] and x is multiplied by w[expert]
-  (an int or a traced index), without copying that expert out first.
+  With `index` (a tuple of ints or traced indices i1, i2, ...), w is a stack
+  [I1, I2, ..., K, N] and x is multiplied by w[i1, i2, ...], read in place
+  without copying that slice out first (`expert=e` is `index=(e,)`).
 
   Two formulations, the same product within float32 rounding:
   - dequantize w whole into x's dtype, then one matmul: right for many rows
-    of x (prefill, training), where the conversion is a small part of the work;
+    of x (prefill, training), where the conversion is a small part of the
+    work (the slice of a stack fuses into that conversion);
   - on CPU, for few rows (decode) of a weight that needs converting (int8, or
-    a float dtype other than x's) or is one expert of a stack,
+    a float dtype other than x's) or is a slice of a stack,
     `chunked_matmul`: XLA on CPU would write a whole converted (or sliced)
     copy of w on every call, which costs several times the read of the int8
     weight itself.
   """
+  index = _as_index(index) + _as_index(expert)
   rows = math.prod(x.shape[:-1])
-  in_place = (isinstance(w, QuantizedWeight) or w.dtype != x.dtype or expert is not None)
+  in_place = isinstance(w, QuantizedWeight) or w.dtype != x.dtype or bool(index)
   if in_place and rows <= CHUNKED_MAX_ROWS and jax.default_backend() == "cpu":
-    return chunked_matmul(x, w, expert=expert)
-  if expert is not None:
-    w = take(w, expert)
+    return chunked_matmul(x, w, index=index)
+  if index:
+    w = take(w, index)
   return jnp.matmul(x, dequantize(w, x.dtype), preferred_element_type=x.dtype)
 
 
@@ -106,8 +99,8 @@ def _chunk_rows(block_rows: int, cols: int, itemsize: int) -> int:
   return max(d for d in range(1, min(block_rows, limit) + 1) if block_rows % d == 0)
 
 
-def chunked_matmul(x: jax.Array, w: Weight, *, expert=None) -> jax.Array:
-  """x [..., K] @ w [K, N] (or w[expert] of a stack [E, K, N]) -> [..., N], by row chunks.
+def chunked_matmul(x: jax.Array, w: Weight, *, index=None) -> jax.Array:
+  """x [..., K] @ w [K, N] (or w[index] of a stack [I..., K, N]) -> [..., N], by row chunks.
 
   A `lax.scan` over chunks of c rows of w (c divides the scale row block K/R):
   each step converts one chunk to x's dtype while it is in cache, multiplies
@@ -116,46 +109,56 @@ def chunked_matmul(x: jax.Array, w: Weight, *, expert=None) -> jax.Array:
   (R > 1), or once after the loop for per-output-channel scales (R = 1).
   Reads w once, as it is stored, and never writes a converted copy.
   """
+  index = _as_index(index)
   *lead, depth = x.shape
   x2 = x.reshape(-1, depth)                                                   # [M, K]
-  if expert is not None and not isinstance(w, QuantizedWeight) and w.dtype != x.dtype:
+  if index and not isinstance(w, QuantizedWeight) and w.dtype != x.dtype:
     # XLA on CPU turns a bfloat16 loop operand into a float32 copy before the
-    # loop: take the expert out first, so that only its weights are converted.
-    w, expert = take(w, expert), None
-  stacked = expert is not None
+    # loop: take the slice out first, so that only its weights are converted.
+    w, index = take(w, index), ()
   if isinstance(w, QuantizedWeight):
-    weight, scales = jnp.asarray(w.weight), jnp.asarray(w.scales, jnp.float32)  # [(E,) R, N]
+    weight, scales = jnp.asarray(w.weight), jnp.asarray(w.scales, jnp.float32)  # [I..., R, N]
   else:
     weight, scales = jnp.asarray(w), None
-  if not stacked:
-    weight = weight[None]                                                     # [1, K, N]
-    scales = None if scales is None else scales[None]                         # [1, R, N]
-    expert = 0
+  stack_shape = weight.shape[:len(index)]
+  # One flat leading axis for the stack: [I, K, N] and [I, R, N], read at `flat`.
+  flat = jnp.ravel_multi_index(index, stack_shape, mode="clip") if index else 0
+  weight = weight.reshape(-1, *weight.shape[len(index):])                     # [I, K, N]
+  scales = None if scales is None else scales.reshape(-1, *scales.shape[len(index):])  # [I, R, N]
   _, rows, cols = weight.shape
   blocks = 1 if scales is None else scales.shape[-2]
   chunk = _chunk_rows(rows // blocks, cols, jnp.dtype(x.dtype).itemsize)
   num_chunks, chunks_per_block = rows // chunk, rows // blocks // chunk
-  chunks = weight.reshape(weight.shape[0], num_chunks, chunk, cols)           # [E, C, c, N]
+  chunks = weight.reshape(weight.shape[0], num_chunks, chunk, cols)           # [I, C, c, N]
   x_chunks = x2.reshape(-1, num_chunks, chunk).transpose(1, 0, 2)             # [C, M, c]
 
   def add_chunk(total, inputs):
-    index, x_chunk = inputs
-    w_chunk = chunks[expert, index].astype(x.dtype)                           # [c, N]
+    chunk_index, x_chunk = inputs
+    w_chunk = chunks[flat, chunk_index].astype(x.dtype)                       # [c, N]
     part = jnp.matmul(x_chunk, w_chunk, preferred_element_type=jnp.float32)   # [M, N]
     if blocks > 1:
-      part = part * scales[expert, index // chunks_per_block]                 # [M, N] * [N]
+      part = part * scales[flat, chunk_index // chunks_per_block]             # [M, N] * [N]
     return total + part, None
 
   total = jnp.zeros((x2.shape[0], cols), jnp.float32)                         # [M, N]
   total, _ = jax.lax.scan(add_chunk, total, (jnp.arange(num_chunks), x_chunks))
   if scales is not None and blocks == 1:
-    total = total * scales[expert, 0]
+    total = total * scales[flat, 0]
   return total.astype(x.dtype).reshape(*lead, cols)                            # [..., N]
 
 
 def take(w: Weight, index) -> Weight:
-  """w[index] along the leading axis, for arrays and QuantizedWeight alike."""
-  return jax.tree.map(lambda leaf: jnp.asarray(leaf)[index], w)
+  """w[i1, i2, ...] along the leading axes (an int, a traced index or a tuple of them),
+  for arrays and QuantizedWeight alike, as a dynamic slice."""
+  index = _as_index(index)
+
+  def slice_leaf(leaf):
+    leaf = jnp.asarray(leaf)
+    start = tuple(jnp.asarray(i, jnp.int32) for i in index) + (0,) * (leaf.ndim - len(index))
+    sizes = (1,) * len(index) + leaf.shape[len(index):]
+    return jax.lax.dynamic_slice(leaf, start, sizes).reshape(leaf.shape[len(index):])
+
+  return jax.tree.map(slice_leaf, w)
 
 
 def quantize(w, row_blocks: int = 1) -> QuantizedWeight:

@@ -1,9 +1,11 @@
-"""model.attend reading only the filled prefix of a KV cache, against the whole-cache computation.
+"""attention.attend reading a KV cache chunk by chunk, against the whole-cache computation.
 
-With more slots than ATTENTION_CHUNK, attend reads the shortest prefix of the
-cache (a multiple of the chunk) that holds every key a query may see; these
-tests shrink the chunk so that a small cache has several prefixes, and hold
-the result to the computation over every slot and to a full uncached pass.
+With more slots than ATTENTION_CHUNK, attend reads one layer of the cache in
+chunks of ATTENTION_CHUNK slots and skips (never reads) every chunk that no
+query of the batch sees; these tests shrink the chunk so that a small cache
+has several chunks, fill the chunks that must be skipped with NaN (a chunk
+read by mistake turns the output into NaN), and hold the result to the plain
+computation over every slot and to a full uncached pass.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok_moe import manifest, model
+from grok_moe import attention, manifest, model
 from grok_moe.config import TINY
 from grok_moe.kv_cache import init_cache
 from tests.helpers import random_params, relative_error
@@ -25,44 +27,65 @@ CONFIG = TINY.replace(num_layers=2, sequence_len=56)
 TOLERANCE = 1e-5
 
 
+CHUNK = 8
+
+
 def _inputs(rng, batch, new, slots, filled):
+  """q, a 2-layer cache whose chunks past the last one any query sees hold NaN, and the
+  causal mask of rows filled up to `filled` (the new tokens last)."""
   cfg = CONFIG
   q = rng.normal(size=(batch, new, cfg.num_q_heads, cfg.key_size)).astype(np.float32) * 3
   keys = rng.normal(size=(2, batch, slots, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)
   values = rng.normal(size=keys.shape).astype(np.float32)
   positions = filled[:, None] - new + np.arange(new)[None, :]                     # [B, T]
   mask = np.arange(slots)[None, None, :] <= positions[:, :, None]                # [B, T, S]
+  unseen = -(-int(filled.max()) // CHUNK) * CHUNK                                 # first unseen chunk
+  keys[:, :, unseen:] = np.nan
+  values[:, :, unseen:] = np.nan
   return q, keys, values, mask
 
 
+def _plain(q, keys, values, mask):
+  """attend over every slot of one layer [B, S, K, d], the skipped chunks' NaN made 0."""
+  keys, values = np.nan_to_num(keys), np.nan_to_num(values)
+  return attention.attend(q, keys, values, mask, CONFIG)
+
+
 @pytest.mark.parametrize("filled", [[3, 17], [40, 40], [9, 1]])
-def test_prefix_attend_matches_whole_cache(monkeypatch, filled):
+def test_chunked_attend_matches_whole_cache(monkeypatch, filled):
+  """One new token per row over a 40-slot cache in 5 chunks. Catches a wrong chunk
+  offset or layer, a softmax taken per chunk instead of over all slots, and a read of
+  a chunk no query sees (its NaN would reach the output)."""
   rng = np.random.default_rng(sum(filled))
   q, keys, values, mask = _inputs(rng, 2, 1, 40, np.asarray(filled))
-  expected = model.attend(q, keys[1], values[1], mask, CONFIG)                   # all 40 slots
-  monkeypatch.setattr(model, "ATTENTION_CHUNK", 8)                               # prefixes 8 .. 40
-  got = model.attend(q, jnp.asarray(keys), jnp.asarray(values), mask, CONFIG, layer=1)
+  expected = _plain(q, keys[1], values[1], mask)                                 # all 40 slots
+  monkeypatch.setattr(attention, "ATTENTION_CHUNK", CHUNK)                       # 5 chunks
+  got = attention.attend(q, jnp.asarray(keys), jnp.asarray(values), mask, CONFIG, layer=1)
   assert got.shape == (2, 1, CONFIG.q_size)
   assert relative_error(got, expected) < TOLERANCE
 
 
-def test_prefix_attend_with_several_new_tokens(monkeypatch):
+def test_chunked_attend_with_several_new_tokens(monkeypatch):
+  """Five new tokens per row, rows filled to different lengths: the chunked read with
+  several queries per row (the block-diagonal query layout) equals the plain one."""
   rng = np.random.default_rng(0)
   q, keys, values, mask = _inputs(rng, 2, 5, 32, np.asarray([12, 30]))
-  expected = model.attend(q, keys[0], values[0], mask, CONFIG)
-  monkeypatch.setattr(model, "ATTENTION_CHUNK", 8)                               # prefixes 8 .. 32
-  got = model.attend(q, keys, values, mask, CONFIG, layer=0)
+  expected = _plain(q, keys[0], values[0], mask)
+  monkeypatch.setattr(attention, "ATTENTION_CHUNK", CHUNK)                       # 4 chunks
+  got = attention.attend(q, keys, values, mask, CONFIG, layer=0)
   assert relative_error(got, expected) < TOLERANCE
 
 
-def test_cached_decoding_over_several_prefixes_matches_full_pass(monkeypatch):
-  monkeypatch.setattr(model, "ATTENTION_CHUNK", 8)
+def test_cached_decoding_over_several_chunks_matches_full_pass(monkeypatch):
+  """Prefill then decode through a 40-slot cache read in 8-slot chunks gives the logits
+  of one uncached pass: the chunked read inside the model's layer scan is the plain one."""
+  monkeypatch.setattr(attention, "ATTENTION_CHUNK", CHUNK)
   params = manifest.unflatten(random_params(CONFIG, "release", seed=5))
   rng = np.random.default_rng(1)
   sequences = rng.integers(3, CONFIG.vocab_size, size=(2, 21))
   expected = np.asarray(model.forward(params, sequences, CONFIG, dtype=jnp.float32).logits)
 
-  cache = init_cache(CONFIG, 2, 40, jnp.float32)                                # prefixes 8 .. 40
+  cache = init_cache(CONFIG, 2, 40, jnp.float32)                                # 5 chunks
   out = model.forward(params, sequences[:, :11], CONFIG, dtype=jnp.float32, cache=cache)
   assert relative_error(out.logits, expected[:, :11]) < 1e-4
   cache = out.cache

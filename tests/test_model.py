@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grok_moe import params as param_table
 from grok_moe import manifest, model, quant
 from grok_moe.config import BENCH, GROK_1, TINY, ModelConfig
 from grok_moe.errors import ConfigError
@@ -40,7 +41,7 @@ def test_checkpoint_manifest_is_the_release_manifest():
 
 def test_row_blocks_follow_the_spec():
   for _, name, _ in MANIFEST:
-    assert quant.row_blocks_for(name) == helpers.release_row_blocks(name), name
+    assert param_table.row_blocks_for(name) == helpers.release_row_blocks(name), name
 
 
 def test_grok_1_values():

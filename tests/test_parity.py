@@ -47,6 +47,7 @@ def _check_against_oracle(flat_params, seed=0):
   expected, expected_routing = oracle.oracle_logits(
       flat_params, tokens, config, return_routing=True, trace=trace)
   out = model.forward(manifest.unflatten(flat_params), tokens, config, dtype=jnp.float32,
+                      token_valid=model.release_token_valid(tokens, config),
                       return_routing=True)
   logits = np.asarray(out.logits)
   assert logits.shape == expected.shape == (*tokens.shape, config.vocab_size)

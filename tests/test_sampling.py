@@ -36,17 +36,25 @@ def relative(a, b):
 
 
 def test_cached_decoding_matches_full_pass_for_ragged_batch():
+  """A right-padded prompt batch prefilled into the cache, then decoded token by token,
+  gives the logits of one uncached pass per row. Catches cache writes at wrong
+  positions, padding that is attended to or counted in `lengths`, and validity read
+  from the token ids: the padding here holds ordinary ids (and row 0 holds the pad
+  id 0 as a real token), so only the explicit mask can tell them apart."""
   rng = np.random.default_rng(0)
   sequences = [rng.integers(3, CONFIG.vocab_size, size=n).tolist() for n in (11, 11, 11)]
+  sequences[0][3] = CONFIG.pad_token  # a real token that happens to be the pad id
   prompt_lengths = [7, 2, 5]
   width = max(prompt_lengths)
-  prompt = np.zeros((3, width), np.int32)  # right-padded with the pad token 0
+  prompt = rng.integers(3, CONFIG.vocab_size, size=(3, width)).astype(np.int32)  # junk padding
   for row, length in enumerate(prompt_lengths):
     prompt[row, :length] = sequences[row][:length]
+  token_valid = np.arange(width)[None, :] < np.array(prompt_lengths)[:, None]
 
   expected = full_logits(sequences)
   cache = init_cache(CONFIG, 3, 16, jnp.float32)
-  out = model.forward(params(), prompt, CONFIG, dtype=jnp.float32, cache=cache)
+  out = model.forward(params(), prompt, CONFIG, dtype=jnp.float32, cache=cache,
+                      token_valid=token_valid)
   assert out.cache.lengths.tolist() == prompt_lengths
   for row, length in enumerate(prompt_lengths):
     assert relative(out.logits[row, :length], expected[row, :length]) < TOLERANCE
