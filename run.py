@@ -126,13 +126,13 @@ def print_plan(args) -> int:
   """The memory plan for the flags, computed from shapes: nothing is loaded."""
   import jax
   import grok_moe
-  from grok_moe import checkpoint, sharding
+  from grok_moe import checkpoint, memory, sharding  # noqa: F401
   path, _, config, _ = resolve_checkpoint(args)
   if config is None:
     config = checkpoint.checkpoint_config(path, None)  # reads config.json only
   mesh_shape = (sharding.parse_mesh(args.mesh) if args.mesh else (1, jax.device_count()))
   plan = grok_moe.memory_plan(config, mesh_shape, args.batch, args.cache_len, args.moe_sharding)
-  print(plan.format(args.device_memory * sharding.GB))
+  print(plan.format(args.device_memory * grok_moe.memory.GB))
   return 0
 
 

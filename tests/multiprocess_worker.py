@@ -54,6 +54,7 @@ def main(port: str, process_id: int, out_dir: str) -> None:
   plan = sharding.ShardingPlan(SHARDED, sharding.make_mesh(*MESH), "tensor")
   placed = plan.shard_params(params())
   logits = sharding.fetch(model.forward(placed, tokens(), SHARDED, dtype=jnp.float32,
+                                        token_valid=tokens() != SHARDED.pad_token,
                                         sharding=plan).logits)
   steps = sampling.generate(placed, SHARDED, PROMPTS,
                             sampling.SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0),

@@ -6,12 +6,13 @@ import json
 import math
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grok_moe import manifest, model
 from grok_moe import params as param_table
-from grok_moe import manifest, model, quant
 from grok_moe.config import BENCH, GROK_1, TINY, ModelConfig
 from grok_moe.errors import ConfigError
 from tests import helpers
@@ -23,57 +24,107 @@ MANIFEST = [(index, name, tuple(shape)) for index, name, shape in json.loads(
 GROK_1_PARAMETERS = 315_684_820_992
 
 
-def test_grok_1_parameter_tree_is_the_release_manifest():
-  params = model.abstract_params(GROK_1)  # the Haiku modules' tree, shapes only
-  flat = manifest.flatten(params)
-  # The release's file order is the tree flattened with names sorted as strings.
-  assert [(index, name, tuple(flat[name].shape)) for index, name in enumerate(sorted(flat))] \
+def test_stacked_parameter_tree_is_the_release_manifest():
+  """The model's stacked tree, unstacked by layer, is the release's 770 tensors with
+  their shapes and file order. Catches a tensor kind missing from or added to the
+  table, a wrong shape formula, a per-layer tensor not stacked [L, ...], and a
+  change in the release's name-sorted file order."""
+  stacked = param_table.flatten(model.abstract_params(GROK_1))   # the Haiku model's tree
+  assert len(stacked) == 14
+  assert all(leaf.dtype == jnp.float32 for leaf in stacked.values())
+  unstacked = {}
+  for path, leaf in stacked.items():
+    spec = param_table.BY_PATH[path]
+    if spec.per_layer:
+      assert leaf.shape[0] == GROK_1.num_layers, path
+      for layer in range(GROK_1.num_layers):
+        unstacked[spec.release_name(layer)] = tuple(leaf.shape[1:])
+    else:
+      unstacked[path] = tuple(leaf.shape)
+  assert [(index, name, unstacked[name]) for index, name in enumerate(sorted(unstacked))] \
       == MANIFEST
-  assert len(flat) == 770
-  assert sum(math.prod(leaf.shape) for leaf in flat.values()) == GROK_1_PARAMETERS
-  assert all(leaf.dtype == jnp.float32 for leaf in flat.values())
+  assert sum(math.prod(shape) for shape in unstacked.values()) == GROK_1_PARAMETERS
+
+
+def test_haiku_init_creates_the_table():
+  """hk.transform's init builds exactly the table's stacked tensors: the model reads
+  every parameter from the table, under the names the loader writes."""
+  config = TINY.replace(num_layers=3)
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  created = model.transformed(config, "float32", None).init(
+      jax.random.PRNGKey(0), tokens, jnp.ones((1, 2), bool))
+  expected = param_table.flatten(model.abstract_params(config))
+  got = param_table.flatten(created)
+  assert {path: tuple(leaf.shape) for path, leaf in got.items()} == \
+      {path: tuple(leaf.shape) for path, leaf in expected.items()}
 
 
 def test_checkpoint_manifest_is_the_release_manifest():
+  """checkpoint_manifest(GROK_1), derived from the table, is the release's file list."""
   assert [tuple(entry) for entry in manifest.checkpoint_manifest(GROK_1)] == MANIFEST
   assert manifest.parameter_shapes(GROK_1) == {name: shape for _, name, shape in MANIFEST}
 
 
 def test_row_blocks_follow_the_spec():
+  """The table's quantization layouts are the spec's (copied independently into
+  tests/helpers.py): 8 row blocks for the two output projections, 1 for the others,
+  float32 for embeddings, norms and router."""
   for _, name, _ in MANIFEST:
     assert param_table.row_blocks_for(name) == helpers.release_row_blocks(name), name
 
 
-def test_grok_1_values():
+def test_stacking_round_trips_the_release_tensors():
+  """stack_release then release_tensors gives back every release tensor unchanged,
+  int8 weights and scales included: layer i of a stack is layer i's file."""
+  config = TINY.replace(num_layers=3)
+  flat = helpers.random_params(config, "release", seed=2)
+  stacked = param_table.stack_release(flat, config)
+  back = dict(param_table.release_tensors(stacked, config))
+  assert sorted(back) == sorted(flat)
+  for name, leaf in flat.items():
+    for got, want in zip(jax.tree.leaves(back[name]), jax.tree.leaves(leaf)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
+def test_grok_1_values_follow_the_spec_formulas():
+  """GROK_1's published sizes, and its derived constants computed by the spec's
+  formulas from them (not restated): catches a preset built with a wrong formula."""
   c = GROK_1
   assert (c.vocab_size, c.emb_size, c.key_size, c.num_q_heads, c.num_kv_heads) == \
       (131072, 6144, 128, 48, 8)
   assert (c.num_layers, c.num_experts, c.num_selected_experts) == (64, 8, 2)
-  assert (c.widening_factor, c.ffn_size, c.sequence_len) == (8, 32768, 8192)
-  assert c.embedding_multiplier_scale == pytest.approx(78.38367176906169, rel=1e-15)
-  assert c.output_multiplier_scale == pytest.approx(0.5773502691896257, rel=1e-15)
-  assert c.attn_output_multiplier == pytest.approx(0.08838834764831845, rel=1e-15)
+  assert (c.widening_factor, c.sequence_len) == (8, 8192)
+  # ffn: int(8 * 6144) * 2 // 3 = 32768, already a multiple of 8
+  assert c.ffn_size == int(c.widening_factor * c.emb_size) * 2 // 3 == 32768
+  assert c.embedding_multiplier_scale == pytest.approx(math.sqrt(c.emb_size), rel=1e-15)
+  assert c.output_multiplier_scale == pytest.approx(1 / math.sqrt(3), rel=1e-15)
+  assert c.attn_output_multiplier == pytest.approx(1 / math.sqrt(c.key_size), rel=1e-15)
   assert (c.attn_logit_cap, c.rms_norm_eps, c.rope_base) == (30.0, 1e-5, 10000)
   assert (c.pad_token, c.bos_token, c.eos_token) == (0, 1, 2)
 
 
-def test_bench_values():
-  c = BENCH
-  assert (c.vocab_size, c.emb_size, c.key_size, c.num_q_heads, c.num_kv_heads) == \
-      (4096, 512, 64, 8, 2)
-  assert (c.num_layers, c.num_experts, c.num_selected_experts) == (4, 8, 2)
-  assert (c.widening_factor, c.sequence_len) == (8, 1024)
-  assert c.embedding_multiplier_scale == pytest.approx(math.sqrt(512), rel=1e-15)
-  assert c.attn_output_multiplier == pytest.approx(1 / math.sqrt(64), rel=1e-15)
-  assert c.output_multiplier_scale == pytest.approx(1 / math.sqrt(3), rel=1e-15)
+def test_bench_has_grok_1_proportions():
+  """BENCH is Grok-1 at width 512: the same head width ratio, query/KV grouping,
+  experts, top-k and widening, so its speed figures stand for Grok-1's shapes."""
+  b, g = BENCH, GROK_1
+  assert b.emb_size == 512 and b.num_layers == 4
+  assert (b.num_experts, b.num_selected_experts, b.widening_factor) == \
+      (g.num_experts, g.num_selected_experts, g.widening_factor)
+  assert b.num_q_heads * b.key_size == b.emb_size and g.num_q_heads * g.key_size == g.emb_size
+  assert b.num_q_heads // b.num_kv_heads == 4 and g.num_q_heads // g.num_kv_heads == 6
+  assert b.embedding_multiplier_scale == pytest.approx(math.sqrt(512), rel=1e-15)
+  assert b.attn_output_multiplier == pytest.approx(1 / math.sqrt(b.key_size), rel=1e-15)
 
 
-def test_tiny_values():
+def test_tiny_sizes_are_mutually_distinct():
+  """TINY's axis sizes are all different (and its ffn size is rounded up to a multiple
+  of 8 from 2.5 * 40 * 2 / 3 = 66), so a test that swaps two axes fails loudly. (The
+  layer count is not an axis of any matrix; tests set it as they need.)"""
   c = TINY
-  assert (c.vocab_size, c.emb_size, c.key_size, c.num_q_heads, c.num_kv_heads) == \
-      (97, 40, 8, 6, 2)
-  assert (c.num_layers, c.num_experts, c.num_selected_experts) == (2, 4, 2)
-  assert (c.widening_factor, c.ffn_size, c.sequence_len) == (2.5, 72, 64)
+  sizes = [c.vocab_size, c.emb_size, c.key_size, c.num_q_heads, c.num_kv_heads,
+           c.num_experts, c.ffn_size, c.q_size, c.kv_size]
+  assert len(set(sizes)) == len(sizes)
+  assert c.ffn_size == 72
 
 
 @pytest.mark.parametrize("changes", [

@@ -54,15 +54,33 @@ def test_chunked_matmul_matches_dequantized_product(monkeypatch, rows, cols, blo
 
 @pytest.mark.parametrize("blocks", [1, 8])
 def test_chunked_matmul_reads_one_expert_of_a_stack(monkeypatch, blocks):
+  """The in-place read of w[e] of a stack [E, K, N], as an int and as a traced index.
+  Catches a wrong chunk offset into the stack or scales taken from another expert."""
   monkeypatch.setattr(quant, "CHUNK_BYTES", 3 * 11 * 4)
   rng = np.random.default_rng(blocks)
   w = _quantized(rng, (5, 24, 11), blocks)                     # [E, K, N]
   x = rng.normal(size=(2, 24)).astype(np.float32)
-  at = jax.jit(lambda x, w, e: quant.matmul(x, w, expert=e))
+  at = jax.jit(lambda x, w, e: quant.matmul(x, w, index=e))
   for expert in (0, 3, 4):
     want = _expected(x, w, expert)
-    assert helpers.relative_error(quant.chunked_matmul(x, w, expert=expert), want) < TOLERANCE
+    assert helpers.relative_error(quant.chunked_matmul(x, w, index=expert), want) < TOLERANCE
     assert helpers.relative_error(at(x, w, jnp.int32(expert)), want) < TOLERANCE
+
+
+@pytest.mark.parametrize("blocks", [1, 8])
+def test_chunked_matmul_reads_one_layer_and_expert_of_a_stack(monkeypatch, blocks):
+  """w[layer, e] of a layer-stacked expert stack [L, E, K, N], read in place by traced
+  indices (the decode path inside the model's layer scan): catches a flattened stack
+  index that mixes up layers and experts."""
+  monkeypatch.setattr(quant, "CHUNK_BYTES", 3 * 11 * 4)
+  rng = np.random.default_rng(10 + blocks)
+  w = _quantized(rng, (3, 5, 24, 11), blocks)                  # [L, E, K, N]
+  x = rng.normal(size=(2, 24)).astype(np.float32)
+  at = jax.jit(lambda x, w, layer, e: quant.matmul(x, w, index=(layer, e)))
+  for layer, expert in ((0, 4), (2, 1), (1, 3)):
+    one_layer = quant.QuantizedWeight(w.weight[layer], w.scales[layer])
+    want = _expected(x, one_layer, expert)
+    assert helpers.relative_error(at(x, w, jnp.int32(layer), jnp.int32(expert)), want) < TOLERANCE
 
 
 def test_matmul_takes_either_path_with_the_same_result():

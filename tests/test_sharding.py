@@ -26,7 +26,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import grok_moe
-from grok_moe import checkpoint, manifest, model, moe, quant, sampling, sharding
+from grok_moe import (attention, checkpoint, manifest, memory, model, moe, quant, sampling,
+                      sharded_ops, sharding)
+from grok_moe import params as param_table
 from grok_moe.config import GROK_1, TINY
 from grok_moe.errors import MeshError
 from tests import helpers, multiprocess_worker
@@ -48,12 +50,17 @@ def flat_params(config):
   return helpers.random_params(config, "release", seed=4)
 
 
+def real_tokens(config) -> np.ndarray:
+  """[8, 9] bool: which of multiprocess_worker.tokens are real (the pad id marks padding)."""
+  return multiprocess_worker.tokens(config) != config.pad_token
+
+
 @functools.lru_cache(maxsize=None)
 def single_device_logits(config) -> np.ndarray:
   """Logits [8, 9, V] of one uncached pass over multiprocess_worker.tokens, on one device."""
   params = manifest.unflatten(flat_params(config))
   return np.asarray(model.forward(params, multiprocess_worker.tokens(config), config,
-                                  dtype=jnp.float32).logits)
+                                  token_valid=real_tokens(config), dtype=jnp.float32).logits)
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,12 +75,13 @@ def single_device_generation(config) -> np.ndarray:
 
 def decode_one_token_at_a_time(params, config, plan) -> np.ndarray:
   """Logits [8, 9, V] of feeding the tokens one position at a time through a sharded cache."""
-  tokens = multiprocess_worker.tokens(config)
+  tokens, real = multiprocess_worker.tokens(config), real_tokens(config)
   batch, length = tokens.shape
   cache = plan.init_cache(batch, CACHE_LEN, jnp.float32)
   logits = []
   for position in range(length):
     out = model.forward(params, tokens[:, position:position + 1], config, dtype=jnp.float32,
+                        token_valid=real[:, position:position + 1],
                         positions=np.full((batch, 1), position, np.int32), cache=cache,
                         sharding=plan)
     cache = out.cache
@@ -100,6 +108,9 @@ def test_make_mesh_shapes_and_errors():
 
 
 def test_table_places_grok_1_as_the_plan_says():
+  """The logical-axis rules give GROK_1 on 1x8 the layout the design says: heads and
+  vocabulary over the model axis, experts' hidden units in tensor mode, whole experts
+  in expert mode, scale blocks following split rows only where they divide."""
   plan = sharding.ShardingPlan(GROK_1, sharding.AbstractMesh((1, 8), sharding.AXES), "tensor")
   layer = "transformer/decoder_layer_7/"
   assert plan.weight_spec(layer + "multi_head_attention/query/w") == P(None, "model")
@@ -109,20 +120,22 @@ def test_table_places_grok_1_as_the_plan_says():
   assert plan.weight_spec(layer + "router/w") == P(None, None)
   assert plan.weight_spec("language_model/in_out_embed/embeddings") == P("model", None)
   assert plan.kv_heads_sharded  # 8 KV heads over 8
-  shapes = sharding.memory_plan(GROK_1, (1, 8)).shard_shapes
+  stacked = param_table.LAYERS_MODULE + "/"
+  assert plan.weight_spec(stacked + "moe/linear/w") == P(None, None, None, "model")
+  shapes = memory.memory_plan(GROK_1, (1, 8)).shard_shapes
   # The 8-row-block scales of linear_1 follow its rows: one block per device.
-  assert shapes[layer + "moe/linear_1/w"] == quant.QuantizedWeight(
-      weight=(8, 4096, 6144), scales=(8, 1, 6144))
-  assert shapes[layer + "moe/linear/w"] == quant.QuantizedWeight(
-      weight=(8, 6144, 4096), scales=(8, 1, 4096))
-  expert = sharding.memory_plan(GROK_1, (2, 4), moe_mode="expert").shard_shapes
-  assert expert[layer + "moe/linear_1/w"] == quant.QuantizedWeight(
-      weight=(2, 32768, 6144), scales=(2, 8, 6144))
+  assert shapes[stacked + "moe/linear_1/w"] == quant.QuantizedWeight(
+      weight=(64, 8, 4096, 6144), scales=(64, 8, 1, 6144))
+  assert shapes[stacked + "moe/linear/w"] == quant.QuantizedWeight(
+      weight=(64, 8, 6144, 4096), scales=(64, 8, 1, 4096))
+  expert = memory.memory_plan(GROK_1, (2, 4), moe_mode="expert").shard_shapes
+  assert expert[stacked + "moe/linear_1/w"] == quant.QuantizedWeight(
+      weight=(64, 2, 32768, 6144), scales=(64, 2, 8, 6144))
   # Six devices on the model axis: 6 does not divide the 8 scale blocks of
   # attention/linear, so every device keeps all 8 and uses its own rows' ones.
-  six = sharding.memory_plan(GROK_1.replace(widening_factor=9), (1, 6)).shard_shapes
-  assert six[layer + "multi_head_attention/linear/w"] == quant.QuantizedWeight(
-      weight=(1024, 6144), scales=(8, 6144))
+  six = memory.memory_plan(GROK_1.replace(widening_factor=9), (1, 6)).shard_shapes
+  assert six[stacked + "multi_head_attention/linear/w"] == quant.QuantizedWeight(
+      weight=(64, 1024, 6144), scales=(64, 8, 6144))
 
 
 @pytest.mark.parametrize("config, mesh_shape, mode, message", [
@@ -132,6 +145,8 @@ def test_table_places_grok_1_as_the_plan_says():
     (GROK_1, (1, 6), "tensor", "ffn_size = 32768"),
 ])
 def test_plan_refuses_configs_the_mesh_cannot_split(config, mesh_shape, mode, message):
+  """A mesh axis that does not divide the heads, experts or hidden units is refused
+  with the config field named (or accepted where it divides)."""
   mesh = sharding.AbstractMesh(mesh_shape, sharding.AXES)
   if message is None:
     sharding.ShardingPlan(config, mesh, mode)
@@ -154,6 +169,9 @@ CASES = [
                          ids=[f"{m[0]}x{m[1]}-{mode}-{'tiny' if c is TINY else 'sharded'}"
                               for c, m, mode in CASES])
 def test_sharded_forward_and_cached_decoding_equal_one_device(config, mesh_shape, mode):
+  """Every leaf lies as the rules say, and the sharded forward pass and token-by-token
+  cached decoding give the single-device logits: catches a wrong shard of weights,
+  scales, heads or experts, and a cache written to the wrong device's slots."""
   expected = single_device_logits(config)
   devices = jax.devices()[:math.prod(mesh_shape)]
   plan = sharding.ShardingPlan(config, sharding.make_mesh(*mesh_shape, devices=devices), mode)
@@ -162,13 +180,13 @@ def test_sharded_forward_and_cached_decoding_equal_one_device(config, mesh_shape
     assert jax.tree.map(lambda a: a.sharding.spec, leaf) == plan.leaf_spec(name, leaf), name
 
   logits = model.forward(params, multiprocess_worker.tokens(config), config, dtype=jnp.float32,
-                         sharding=plan).logits
+                         token_valid=real_tokens(config), sharding=plan).logits
   assert helpers.relative_error(sharding.fetch(logits), expected) < TOLERANCE
 
   # Token by token through the cache: the same logits wherever the query is a
   # real token (a pad query with no real key before it attends to whatever is
   # unmasked, which differs between a cache and a full pass).
-  real = multiprocess_worker.tokens(config) != config.pad_token
+  real = real_tokens(config)
   decoded = decode_one_token_at_a_time(params, config, plan)
   assert helpers.relative_error(decoded[real], expected[real]) < TOLERANCE
 
@@ -176,8 +194,8 @@ def test_sharded_forward_and_cached_decoding_equal_one_device(config, mesh_shape
 @pytest.mark.parametrize("config, mesh_shape", [(SHARDED, (2, 4)), (SHARDED, (1, 8)),
                                                 (TINY, (1, 3))])
 def test_sharded_attention_reads_one_layer_of_the_whole_cache(config, mesh_shape):
-  """plan.attend on [L, B, S, K, d] with `layer` equals model.attend on that layer's [B, S, K, d]
-  (1024 slots, so model.attend's chunked reading runs too)."""
+  """sharded_ops.attend on [L, B, S, K, d] with a traced `layer` equals attention.attend on
+  that layer's [B, S, K, d] (1024 slots, so the chunked reading runs too)."""
   plan = sharding.ShardingPlan(config, sharding.make_mesh(
       *mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)]))
   rng = np.random.default_rng(0)
@@ -187,8 +205,9 @@ def test_sharded_attention_reads_one_layer_of_the_whole_cache(config, mesh_shape
                                   config.key_size)).astype(np.float32)
   mask = rng.random((batch, num_new, slots)) < 0.02
   mask[:, :, slots // 2:] = False  # the second half of the cache is empty
-  expected = model.attend(q, keys[1], values[1], mask, config)
-  got = jax.jit(lambda *args: plan.attend(*args, config, layer=1))(q, keys, values, mask)
+  expected = attention.attend(q, keys[1], values[1], mask, config)
+  got = jax.jit(lambda q, keys, values, mask, layer: sharded_ops.attend(
+      q, keys, values, mask, config, plan, layer=layer))(q, keys, values, mask, jnp.int32(1))
   assert helpers.relative_error(got, expected) < TOLERANCE
 
 
@@ -198,27 +217,31 @@ def test_row_split_weights_whose_scale_blocks_straddle_the_shards():
   device keeps all 8 scale rows and picks its own."""
   config = TINY
   plan = sharding.ShardingPlan(config, sharding.make_mesh(1, 3, devices=jax.devices()[:3]))
-  flat = jax.tree.map(jnp.asarray, flat_params(config))
-  layer = "transformer/decoder_layer_1/"
-  linear = flat[layer + "multi_head_attention/linear/w"]
-  assert plan.leaf_spec(layer + "multi_head_attention/linear/w", linear).scales == P(None, None)
+  stacked = param_table.flatten(param_table.stack_release(flat_params(config), config))
+  placed = param_table.flatten(plan.shard_params(stacked))
+  layer = jnp.int32(1)
+  path = param_table.ATTENTION_OUT.path
+  assert plan.leaf_spec(path, stacked[path]).scales == P(None, None, None)
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(4, 5, config.q_size)), jnp.float32)
-  got = jax.jit(lambda x, w: plan.matmul(x, w, layer + "multi_head_attention/linear/w"))(
-      x, plan.place(layer + "multi_head_attention/linear/w", linear))
-  assert helpers.relative_error(got, quant.matmul(x, linear)) < TOLERANCE
+  got = jax.jit(lambda x, w, layer: sharded_ops.matmul(x, w, param_table.ATTENTION_OUT, plan,
+                                                       layer))(x, placed[path], layer)
+  assert helpers.relative_error(got, quant.matmul(x, stacked[path], index=1)) < TOLERANCE
 
-  names = [layer + f"moe/{n}/w" for n in ("linear", "linear_v", "linear_1")]
-  weights = [flat[name] for name in names]
-  placed = [plan.place(name, w) for name, w in zip(names, weights)]
+  experts = (param_table.EXPERT_IN, param_table.EXPERT_GATE, param_table.EXPERT_OUT)
   tokens = jnp.asarray(rng.normal(size=(20, config.emb_size)), jnp.float32)
-  gates, experts = moe.route(tokens, flat[layer + "router/w"], config.num_selected_experts)
-  got = jax.jit(plan.sparse_moe)(tokens, gates, experts, *placed)
-  expected = jax.jit(moe.sparse_moe)(tokens, gates, experts, *weights)
+  gates, indices = moe.route(tokens, stacked[param_table.ROUTER.path][1],
+                             config.num_selected_experts)
+  got = jax.jit(lambda *args: sharded_ops.sparse_moe(*args[:6], experts, plan, layer=args[6]))(
+      tokens, gates, indices, *(placed[p.path] for p in experts), layer)
+  expected = jax.jit(lambda *args: moe.sparse_moe(*args[:6], layer=args[6]))(
+      tokens, gates, indices, *(stacked[p.path] for p in experts), layer)
   assert helpers.relative_error(got, expected) < TOLERANCE
 
 
 def test_checkpoint_loads_into_shards_and_model_api_runs_on_the_mesh(tmp_path):
+  """A checkpoint loads layer by layer straight into the stacked, sharded arrays, and the
+  Model API on the mesh gives the single-device logits and greedy tokens."""
   config = SHARDED
   checkpoint.save_checkpoint(manifest.unflatten(flat_params(config)), tmp_path, config,
                              progress=False)
@@ -232,8 +255,10 @@ def test_checkpoint_loads_into_shards_and_model_api_runs_on_the_mesh(tmp_path):
   for name, leaf in manifest.flatten(grok.params).items():  # loaded straight into the shards
     assert jax.tree.map(lambda a: a.sharding, leaf) == expected_shardings[name], name
 
-  logits = grok.logits(multiprocess_worker.tokens(config))
-  assert helpers.relative_error(logits, single_device_logits(config)) < TOLERANCE
+  tokens = multiprocess_worker.tokens(config)
+  expected = model.forward(manifest.unflatten(flat_params(config)), tokens, config,
+                           dtype=jnp.float32).logits  # Model.logits: every token is real
+  assert helpers.relative_error(grok.logits(tokens), np.asarray(expected)) < TOLERANCE
   # One new token: the prefill (the two-process test decodes further).
   generated = grok.generate_tokens(PROMPTS, max_new_tokens=1, temperature=0)
   assert generated == single_device_generation(config)[:, :1].tolist()
@@ -242,10 +267,12 @@ def test_checkpoint_loads_into_shards_and_model_api_runs_on_the_mesh(tmp_path):
 # --- Grok-1 without weights: the plan and the lowered program agree. ---
 
 def test_grok_1_memory_plan_fits_eight_80_gb_devices_with_a_full_cache():
-  plan = sharding.memory_plan(GROK_1, (1, 8), batch_size=1, cache_len=8192)
+  """The analytic plan: the release's bytes divided over 8 devices (the replicated norms
+  and router whole), the KV cache split by heads; 40 GB a device fits 80 GB, 2x4 not."""
+  plan = memory.memory_plan(GROK_1, (1, 8), batch_size=1, cache_len=8192)
   release_bytes = sum(
       math.prod(s.shape) * s.dtype.itemsize
-      for s in jax.tree.leaves(sharding.release_abstract_params(GROK_1)))
+      for s in jax.tree.leaves(memory.release_abstract_params(GROK_1)))
   replicated = plan.weight_bytes["norms and router"]
   assert plan.weights_total == pytest.approx((release_bytes - replicated) / 8 + replicated,
                                              rel=1e-9)
@@ -254,7 +281,7 @@ def test_grok_1_memory_plan_fits_eight_80_gb_devices_with_a_full_cache():
   assert 39e9 < plan.total < 41e9 and plan.fits(80e9)
   assert "fits 8 x 80 GB" in plan.format()
   # 2x4 holds two copies of the model, each on 4 devices: 80.1 GB a device.
-  assert not sharding.memory_plan(GROK_1, (2, 4), cache_len=8192).fits(80e9)
+  assert not memory.memory_plan(GROK_1, (2, 4), cache_len=8192).fits(80e9)
 
 
 def test_grok_1_sharded_forward_lowers_with_the_planned_shards():
@@ -262,15 +289,16 @@ def test_grok_1_sharded_forward_lowers_with_the_planned_shards():
   lowered and compiled for a 1x8 mesh from shapes alone, with an 8192-token cache."""
   config = GROK_1.replace(num_layers=2)
   plan = sharding.ShardingPlan(config, sharding.make_mesh(1, 8), "tensor")
-  memory = sharding.memory_plan(config, (1, 8), batch_size=1, cache_len=8192)
-  compiled = sharding.lower_forward(plan, batch_size=1, num_tokens=4, cache_len=8192).compile()
-  params_in, _, cache_in = compiled.input_shardings[0]
-  abstract = manifest.flatten(sharding.release_abstract_params(config))
+  planned = memory.memory_plan(config, (1, 8), batch_size=1, cache_len=8192)
+  compiled = memory.lower_forward(plan, batch_size=1, num_tokens=4, cache_len=8192).compile()
+  params_in = compiled.input_shardings[0][0]
+  abstract = manifest.flatten(memory.release_abstract_params(config))
   for name, shardings in manifest.flatten(params_in).items():
     shapes = jax.tree.map(lambda s, sh: sh.shard_shape(s.shape), abstract[name], shardings)
-    assert shapes == memory.shard_shapes[name], name
-  # XLA's own count of the bytes each device gets: the plan's, plus the [1, 4] int32 tokens.
-  assert compiled.memory_analysis().argument_size_in_bytes == memory.total + 4 * 4
+    assert shapes == planned.shard_shapes[name], name
+  # XLA's own count of the bytes each device gets: the plan's, plus the [1, 4] int32
+  # tokens and their [1, 4] bool validity.
+  assert compiled.memory_analysis().argument_size_in_bytes == planned.total + 4 * 4 + 4
 
 
 def test_run_py_prints_the_plan_without_loading_weights():
