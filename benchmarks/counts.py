@@ -25,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from grok_moe import params as param_table
 from grok_moe import quant
 from grok_moe.config import ModelConfig
 
@@ -43,32 +44,41 @@ def active_parameters(config: ModelConfig) -> dict[str, int]:
   return parts
 
 
-def _leaf_bytes(leaf, rows: int | None = None) -> int:
-  """Bytes of a leaf, or of `rows` of its leading axis (one expert of a stacked weight)."""
+def _leaf_bytes(leaf, fraction_of_axis: tuple[int, int] | None = None) -> int:
+  """Bytes of a leaf, or of `count` entries of axis `axis` of it (fraction_of_axis =
+  (axis, count)): k experts of a stacked expert weight."""
   leaves = [leaf.weight, leaf.scales] if isinstance(leaf, quant.QuantizedWeight) else [leaf]
   total = 0
   for array in leaves:
-    size = math.prod(array.shape) if rows is None else math.prod(array.shape[1:]) * rows
+    size = math.prod(array.shape)
+    if fraction_of_axis is not None:
+      axis, count = fraction_of_axis
+      size = size // array.shape[axis] * count
     total += size * jnp.dtype(array.dtype).itemsize
   return total
 
 
+_PARTS = {"experts": "experts", "attention": "attention", "embeddings": "embeddings",
+          "norms and router": "router_and_norms"}
+
+
 def bytes_per_token(params, config: ModelConfig) -> dict[str, int]:
-  """Bytes of weights one decoded token (batch 1) reads, by part, as `params` hold them."""
-  parts = {"attention": 0, "experts": 0, "router_and_norms": 0, "embeddings": 0}
-  k = config.num_selected_experts
-  for module, group in params.items():
-    for name, leaf in group.items():
-      full = f"{module}/{name}"
-      if "/moe/" in full:
-        parts["experts"] += _leaf_bytes(leaf, rows=k)
-      elif "multi_head_attention" in full:
-        parts["attention"] += _leaf_bytes(leaf)
-      elif full.endswith("embeddings"):
-        one_row = config.emb_size * jnp.dtype(leaf.dtype).itemsize
-        parts["embeddings"] += _leaf_bytes(leaf) + one_row
-      else:
-        parts["router_and_norms"] += _leaf_bytes(leaf)
+  """Bytes of weights one decoded token (batch 1) reads, by part, as `params` (the stacked
+  tree) hold them: k of the E experts of every layer, everything else whole, plus one
+  embedding row for the input lookup."""
+  parts = {part: 0 for part in _PARTS.values()}
+  flat = param_table.flatten(params)
+  for spec in param_table.PARAMS:
+    leaf = flat[spec.path]
+    part = _PARTS[spec.group]
+    if spec.group == "experts":
+      expert_axis = spec.stored_axes().index(param_table.EXPERTS)
+      parts[part] += _leaf_bytes(leaf, (expert_axis, config.num_selected_experts))
+    elif spec is param_table.EMBEDDINGS:
+      one_row = config.emb_size * jnp.dtype(leaf.dtype).itemsize
+      parts[part] += _leaf_bytes(leaf) + one_row
+    else:
+      parts[part] += _leaf_bytes(leaf)
   parts["total"] = sum(parts.values())
   return parts
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks import counts, limits
 from grok_moe import params as param_table
-from grok_moe import manifest, moe, quant, sampling, sharding
+from grok_moe import moe, quant, sampling, sharded_ops, sharding
 from grok_moe.config import BENCH, GROK_1, ModelConfig
 from grok_moe.kv_cache import KVCache
 
@@ -143,31 +143,32 @@ def _settings(args) -> Settings:
 # --- Random weights, made on the device. ---
 
 def random_params(config: ModelConfig, seed: int = 0):
-  """Random params in the release's format: int8 + bfloat16 scales, float32 elsewhere.
+  """Random stacked params in the release's storage: int8 + bfloat16 scales, float32 elsewhere.
 
-  Made on the default device with jax.random, so that Grok-1-width layers need
-  no host copy. int8 values are uniform in [-127, 127] with scales making a
-  unit-RMS input give outputs of RMS ~0.6 (as tests/helpers.py); the router is
-  normal with std 1/sqrt(D), so routing is spread over the experts.
+  Made on the default device with jax.random, tensor kind by tensor kind from
+  the parameter table, so that Grok-1-width layers need no host copy. int8
+  values are uniform in [-127, 127] with scales making a unit-RMS input give
+  outputs of RMS ~0.6; the router is normal with std 1/sqrt(D), so routing is
+  spread over the experts.
   """
   key = jax.random.PRNGKey(seed)
   flat = {}
-  for index, (name, shape) in enumerate(sorted(manifest.parameter_shapes(config).items())):
+  for index, spec in enumerate(param_table.PARAMS):
+    shape = spec.stored_shape(config)
     leaf_key = jax.random.fold_in(key, index)
-    blocks = param_table.row_blocks_for(name)
-    if name.endswith("/scale"):
-      flat[name] = jnp.ones(shape, jnp.float32)
-    elif blocks is None:  # embeddings and router
-      std = 0.5 if name.endswith("embeddings") else 1 / math.sqrt(shape[0])
-      flat[name] = std * jax.random.normal(leaf_key, shape, jnp.float32)
+    if spec.fan_in_axis is None:  # norm scales
+      flat[spec.path] = jnp.ones(shape, jnp.float32)
+    elif not spec.quantized:  # embeddings and router
+      std = 0.5 if spec is param_table.EMBEDDINGS else 1 / math.sqrt(shape[-2])
+      flat[spec.path] = std * jax.random.normal(leaf_key, shape, jnp.float32)
     else:
       *batch, fan_in, fan_out = shape
       weight_key, scale_key = jax.random.split(leaf_key)
       weight = jax.random.randint(weight_key, shape, -127, 128, jnp.int8)
-      scales = jax.random.uniform(scale_key, (*batch, blocks, fan_out), jnp.float32,
+      scales = jax.random.uniform(scale_key, (*batch, spec.row_blocks, fan_out), jnp.float32,
                                   0.5, 1.5) / (127 * math.sqrt(fan_in))
-      flat[name] = quant.QuantizedWeight(weight, scales.astype(jnp.bfloat16))
-  return jax.block_until_ready(manifest.unflatten(flat))
+      flat[spec.path] = quant.QuantizedWeight(weight, scales.astype(jnp.bfloat16))
+  return jax.block_until_ready(param_table.unflatten(flat))
 
 
 # --- Measurements. ---
@@ -207,6 +208,8 @@ def measure_prefill(params, settings: Settings, rng, plan=None) -> dict:
   put = _placer(plan)
   capacity = sampling.bucket(settings.prefill_tokens + NEW_TOKENS, config.sequence_len)
   last = put(jnp.asarray([settings.prefill_tokens - 1], jnp.int32))
+  last_logits = put(jnp.zeros((1, config.vocab_size), jnp.float32))
+  valid, first = put(jnp.ones((1, settings.prefill_tokens), bool)), put(jnp.int32(0))
   prompts = [put(_tokens(rng, config, (1, settings.prefill_tokens))) for _ in range(3)]
   settings_greedy = put(_greedy(config))
   keys = [put(jax.random.PRNGKey(i)) for i in range(settings.repeats + 1)]
@@ -216,9 +219,9 @@ def measure_prefill(params, settings: Settings, rng, plan=None) -> dict:
         sampling.init_cache(config, 1, capacity, dtype) if plan is None
         else plan.init_cache(1, capacity, dtype))
     start = time.perf_counter()
-    jax.block_until_ready(sampling._prefill(
-        params, prompts[i % 3], cache, last, keys[i], settings_greedy,
-        config=config, dtype=dtype, sharding=plan))
+    jax.block_until_ready(sampling._prefill_chunk_jit(
+        params, prompts[i % 3], valid, first, cache, last, last_logits, keys[i],
+        settings_greedy, config=config, dtype=dtype, sharding=plan))
     times.append(time.perf_counter() - start)
   times = times[1:]
   return {"tokens": settings.prefill_tokens, "cache_capacity": capacity,
@@ -240,11 +243,12 @@ def measure_decode(params, settings: Settings, length: int, rng, plan=None) -> d
   steps = [put(jnp.asarray(_tokens(rng, config, (1,)))) for _ in range(settings.repeats + 1)]
   keys = [put(jax.random.PRNGKey(i)) for i in range(settings.repeats + 1)]
   settings_greedy = put(_greedy(config))
+  valid = put(jnp.ones((1,), bool))
   times = []
   for i, tokens in enumerate(steps):  # step 0 compiles
     start = time.perf_counter()
-    next_tokens, _, cache = sampling._decode_step(
-        params, tokens, cache, keys[i], settings_greedy, config=config, dtype=dtype,
+    next_tokens, _, _, cache = sampling._decode_step_jit(
+        params, tokens, valid, cache, keys[i], settings_greedy, config=config, dtype=dtype,
         sharding=plan)
     jax.block_until_ready((next_tokens, cache))
     times.append(time.perf_counter() - start)
@@ -265,19 +269,30 @@ def measure_moe(params, settings: Settings, rng, plan=None) -> dict:
   left to XLA's partitioner (its weights are placed by the plan).
   """
   config, dtype = settings.config, settings.dtype
-  prefix = "transformer/decoder_layer_0/"
-  weights = [params[prefix + name]["w"] for name in ("moe/linear", "moe/linear_v", "moe/linear_1")]
-  router = params[prefix + "router"]["w"]
+  flat = param_table.flatten(params)
+  expert_params = (param_table.EXPERT_IN, param_table.EXPERT_GATE, param_table.EXPERT_OUT)
+  weights = [quant.take(flat[spec.path], 0) for spec in expert_params]  # layer 0 [E, ...]
+  router = flat[param_table.ROUTER.path][0]
   inputs = []
   for _ in range(3):
     x = jnp.asarray(rng.standard_normal((settings.moe_tokens, config.emb_size), np.float32)).astype(dtype)
     gates, indices = moe.route(x, router, config.num_selected_experts)
     inputs.append((x, gates, indices, *weights))
-  sparse_moe = _sparse_moe if plan is None else jax.jit(plan.sparse_moe)
+  if plan is None:
+    sparse_moe = _sparse_moe
+  else:  # the model's sharded dispatch, on layer 0 of a one-layer stack
+    weights = [plan.place(spec.path, jax.tree.map(lambda a: a[None], w))
+               for spec, w in zip(expert_params, weights)]
+    inputs = [(*args[:3], *weights) for args in inputs]
+    sparse_moe = jax.jit(lambda x, g, i, *w: sharded_ops.sparse_moe(
+        x, g, i, *w, expert_params, plan, layer=jnp.int32(0)))
   if plan is not None:
     inputs = [(*plan.put(list(args[:3])), *args[3:]) for args in inputs]
   sparse, sparse_times = limits.median_seconds(sparse_moe, inputs, settings.repeats)
-  dense, dense_times = limits.median_seconds(_dense_moe, inputs, max(3, settings.repeats // 2))
+  dense_inputs = [(*args[:3], *(jax.tree.map(lambda a: a[0], w) if plan is not None else w
+                                for w in args[3:])) for args in inputs]
+  dense, dense_times = limits.median_seconds(_dense_moe, dense_inputs,
+                                             max(3, settings.repeats // 2))
   counts_per_expert = np.bincount(np.asarray(inputs[0][2]).ravel(), minlength=config.num_experts)
   return {"tokens": settings.moe_tokens, "sparse_seconds": sparse, "dense_seconds": dense,
           "sparse_times": sparse_times, "dense_times": dense_times,

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from grok_moe import checkpoint, model, sampling
+from grok_moe import checkpoint, compilation, model, sampling
 from grok_moe import params as param_table
 from grok_moe.config import ModelConfig
 from grok_moe.errors import InputError, TokenizerError
@@ -47,6 +47,7 @@ class GenerationStats:
   total_s: float = 0.0
   steps: int = 0               # steps of the sampler (one token per active row each)
   steady_tokens: int = 0       # tokens of the steps after the second
+  compile_s: float = 0.0       # of total_s, the time JAX spent compiling (0 on a cache hit)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -76,9 +77,14 @@ class Model:
   """
 
   def __init__(self, params, config: ModelConfig, tokenizer: Tokenizer | None = None,
-               dtype="bfloat16", sharding: ShardingPlan | None = None):
+               dtype="bfloat16", sharding: ShardingPlan | None = None,
+               compilation_cache=None):
     """`sharding` runs the model on a mesh (see grok_moe.sharding); params not yet
-    placed by it are placed now."""
+    placed by it are placed now. `compilation_cache` is the directory of JAX's
+    persistent compilation cache (None: $GROK_MOE_COMPILATION_CACHE, else
+    ~/.cache/grok_moe/jax; False: off; see grok_moe.compilation)."""
+    self.compilation_cache = compilation.use_persistent_cache(compilation_cache)
+    self._compile_timer = compilation.CompileTimer()
     if sharding is not None:
       sharding.check_config(config)
       params = sharding.shard_params(params)
@@ -95,7 +101,7 @@ class Model:
   def from_checkpoint(cls, path, config: ModelConfig | None = None,
                       tokenizer: Tokenizer | str | os.PathLike | None = None,
                       mesh=None, dtype="bfloat16", progress: bool = True,
-                      moe_sharding: str = "tensor") -> "Model":
+                      moe_sharding: str = "tensor", compilation_cache=None) -> "Model":
     """Loads a release-format checkpoint (a directory holding ckpt-0/, or ckpt-0/ itself).
 
     The config comes from config.json beside ckpt-0 (Grok-1 for the release);
@@ -114,7 +120,8 @@ class Model:
       tokenizer = Tokenizer(tokenizer if tokenizer is not None else _find_tokenizer(path))
     tokenizer.check_fits(config)
     params = checkpoint.load_checkpoint(path, config, progress=progress, sharding=plan)
-    return cls(params, config, tokenizer, dtype, sharding=plan)
+    return cls(params, config, tokenizer, dtype, sharding=plan,
+               compilation_cache=compilation_cache)
 
   # --- Text in, text out. ---
 
@@ -130,12 +137,14 @@ class Model:
     streams = [TextStream(tokenizer, stop) for _ in prompts]
     ids = [tokenizer.encode(prompt) for prompt in prompts]
     stats = self.last_stats = GenerationStats()
+    compiled_before = self._compile_timer.seconds
     start = time.perf_counter()
     for step in sampling.generate(self.params, self.config, ids,
                                   sampling.SamplingConfig(**settings), dtype=self.dtype,
                                   truncate=truncate, vocab_limit=tokenizer.vocab_size,
                                   sharding=self.sharding):
       stats.add_step(int(step.active.sum()), time.perf_counter() - start)
+      stats.compile_s = self._compile_timer.seconds - compiled_before
       pieces = []
       for row, stream in enumerate(streams):
         token = int(step.tokens[row])
