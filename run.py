@@ -16,6 +16,8 @@ import pathlib
 import sys
 import time
 
+from grok_moe import plan_command  # jax is imported but starts no backend: XLA_FLAGS still apply
+
 REPO = pathlib.Path(__file__).resolve().parent
 RELEASE_DIR = REPO / "checkpoints" / "ckpt-0"
 RELEASE_TOKENIZER = REPO / "checkpoints" / "tokenizer.model"
@@ -80,17 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   devices.add_argument("--process-id", type=int, default=0,
                        help="this process's index, 0 .. num-processes - 1 (default: %(default)s)")
 
-  plan = parser.add_argument_group("memory plan")
-  plan.add_argument("--plan", action="store_true",
-                    help="print the bytes per device of the weights (int8) and KV cache for "
-                    "the config, --mesh, --batch and --cache-len, and exit without loading "
-                    "any weights")
-  plan.add_argument("--batch", type=int, default=1,
-                    help="rows of the batch to plan for (default: %(default)s)")
-  plan.add_argument("--cache-len", type=int,
-                    help="KV cache length to plan for (default: the config's sequence_len)")
-  plan.add_argument("--device-memory", type=float, default=80.0, metavar="GB",
-                    help="memory of one device in GB (1e9 bytes) (default: %(default)g)")
+  plan_command.add_arguments(parser)
   args = parser.parse_args(argv)
   if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
     parser.error(f"--process-id must be in [0, {args.num_processes}) and --num-processes >= 1")
@@ -98,8 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error("--num-processes > 1 needs --coordinator HOST:PORT (process 0's address)")
   if args.cpu_devices is not None and args.cpu_devices < 1:
     parser.error("--cpu-devices must be positive")
-  if args.batch < 1 or (args.cache_len is not None and args.cache_len < 1):
-    parser.error("--batch and --cache-len must be positive")
+  plan_command.check_arguments(args, parser)
   return args
 
 
@@ -124,16 +115,12 @@ def start_distributed(args) -> None:
 
 def print_plan(args) -> int:
   """The memory plan for the flags, computed from shapes: nothing is loaded."""
-  import jax
-  import grok_moe
-  from grok_moe import checkpoint, memory, sharding  # noqa: F401
+  from grok_moe import checkpoint
   path, _, config, _ = resolve_checkpoint(args)
+  label = args.config if args.config else str(path)
   if config is None:
     config = checkpoint.checkpoint_config(path, None)  # reads config.json only
-  mesh_shape = (sharding.parse_mesh(args.mesh) if args.mesh else (1, jax.device_count()))
-  plan = grok_moe.memory_plan(config, mesh_shape, args.batch, args.cache_len, args.moe_sharding)
-  print(plan.format(args.device_memory * grok_moe.memory.GB))
-  return 0
+  return plan_command.run(args, config, label)
 
 
 def resolve_checkpoint(args) -> tuple[pathlib.Path, str | None, object, str]:

@@ -73,6 +73,34 @@ class _Layer:
     return x if self.plan is None else self.plan.constrain(x, axes)
 
 
+def write_cache(cache, layer, positions, new):
+  """cache [L, B, S, K, d] with new [B, T, K, d] written at [layer, row, positions[row, t]];
+  positions past the cache (S or more) are dropped.
+
+  One new token a row (decoding) is written with one dynamic_update_slice a
+  row, which XLA does in place: a scatter there becomes an update with a
+  bounds check fused over the whole cache, which on CPU converts a bfloat16
+  cache to float32 and back on every layer of every step. A dropped token is
+  written at slot S-1 with the value already there. Several tokens a row
+  (prefill) are one scatter, whose cost is spread over the chunk.
+  """
+  num_slots = cache.shape[2]
+  batch, num_new = positions.shape
+  new = new.astype(cache.dtype)
+  if num_new > 1:
+    rows = jnp.arange(batch)[:, None]                                     # [B, 1]
+    return cache.at[layer, rows, positions].set(new, mode="drop")
+  for row in range(batch):
+    position = positions[row, 0]
+    slot = jnp.minimum(position, num_slots - 1)
+    start = (layer, row, slot, 0, 0)
+    there = jax.lax.dynamic_slice(cache, start, (1, 1, 1, *cache.shape[3:]))  # [1, 1, 1, K, d]
+    value = jnp.where(position < num_slots, new[row][None, None].astype(jnp.float32),
+                      there.astype(jnp.float32)).astype(cache.dtype)             # [1, 1, 1, K, d]
+    cache = jax.lax.dynamic_update_slice(cache, value, start)
+  return cache
+
+
 def _attention(ctx: _Layer, weights, x, positions, token_valid, cache, layer):
   """Grouped-query self-attention with RoPE over the new tokens, or the cache.
 
@@ -94,10 +122,8 @@ def _attention(ctx: _Layer, weights, x, positions, token_valid, cache, layer):
     read_layer = new_cache = None
   else:
     cached_keys, cached_values, key_valid = cache                         # [L, B, S, K, d]
-    rows = jnp.arange(batch)[:, None]                                     # [B, 1]
-    keys = cached_keys.at[layer, rows, positions].set(k.astype(cached_keys.dtype), mode="drop")
-    values = cached_values.at[layer, rows, positions].set(
-        v.astype(cached_values.dtype), mode="drop")
+    keys = write_cache(cached_keys, layer, positions, k)
+    values = write_cache(cached_values, layer, positions, v)
     key_positions = jnp.arange(keys.shape[2])[None, :]                    # [1, S]
     read_layer, new_cache = layer, (keys, values)
 
