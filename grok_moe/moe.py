@@ -7,9 +7,11 @@ k experts per token, A = N*k assignments (token, expert) pairs, C tile rows.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from grok_moe import quant
 
@@ -77,6 +79,71 @@ def _last_tile_sizes(tile: int) -> tuple[int, ...]:
   return (*sizes, tile)
 
 
+class _SortedAssignments(NamedTuple):
+  """The A = N*k (token, expert) assignments sorted by expert (stable: tokens keep their order)."""
+
+  order: jax.Array      # [A] each sorted row's place among the flat [N*k] assignments
+  tokens: jax.Array     # [A] each sorted row's token
+  gates: jax.Array      # [A] each sorted row's gate
+  counts: jax.Array     # [E] rows of each expert
+  row_begin: jax.Array  # [E] each expert's first sorted row
+
+
+def _sort_assignments(gates, expert_indices, num_experts: int) -> _SortedAssignments:
+  """gates, expert_indices [N, k] -> their assignments sorted by expert.
+
+  Indices outside 0 .. E-1 sort last and count for no expert, so they are never run.
+  """
+  num_tokens, k = expert_indices.shape
+  num_assignments = num_tokens * k
+  flat_experts = expert_indices.reshape(num_assignments)                       # [A]
+  flat_tokens = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)         # [A]
+  order = jnp.argsort(flat_experts, stable=True)                               # [A]
+  counts = jnp.bincount(flat_experts, length=num_experts)                      # [E]
+  return _SortedAssignments(order=order, tokens=flat_tokens[order],
+                            gates=gates.reshape(num_assignments)[order], counts=counts,
+                            row_begin=jnp.cumsum(counts) - counts)
+
+
+def _tile_rows(assignments: _SortedAssignments, expert, first, size: int):
+  """Rows first .. first + size of `expert`'s sorted rows, padded past its count.
+
+  Returns sorted row [C], valid [C], token [C] and gate [C]; padding rows
+  (valid False) point at row 0 and carry gate 0.
+  """
+  within = first + jnp.arange(size)                                            # [C]
+  valid = within < assignments.counts[expert]                                  # [C]
+  rows = jnp.where(valid, assignments.row_begin[expert] + within, 0)           # [C]
+  tokens = assignments.tokens[rows]                                            # [C]
+  row_gates = jnp.where(valid, assignments.gates[rows], 0.0)                   # [C]
+  return rows, valid, tokens, row_gates
+
+
+def _over_tiles(run_rows, carry, count, num_tokens: int, tile: int):
+  """carry through run_rows(carry, first, size) over an expert's `count` rows, tile by tile.
+
+  count // tile full tiles of `tile` rows (a scan with the static bound
+  num_tokens // tile, tiles past the count skipped), then the count % tile
+  rows left as one tile of the smallest size that holds them among
+  `_last_tile_sizes(tile)` (`lax.switch`; none when no rows are left).
+  """
+  full_tiles = count // tile
+
+  def run_full_tile(carry, index):
+    return jax.lax.cond(index < full_tiles,
+                        lambda carry: run_rows(carry, index * tile, tile),
+                        lambda carry: carry, carry), None
+
+  carry, _ = jax.lax.scan(run_full_tile, carry, jnp.arange(num_tokens // tile))
+  first, rest = full_tiles * tile, count % tile
+  last_tile_sizes = _last_tile_sizes(tile)
+  branches = [lambda carry: carry] + [functools.partial(run_rows, first=first, size=size)
+                                      for size in last_tile_sizes]
+  # 0 when no rows are left, else 1 + the smallest size that holds them.
+  branch = jnp.where(rest > 0, 1 + jnp.searchsorted(jnp.asarray(last_tile_sizes), rest), 0)
+  return jax.lax.switch(branch, branches, carry)
+
+
 def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
   """Each token through its k selected experts only; no token is dropped.
 
@@ -98,29 +165,28 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
   training) an expert's weights are dequantized once for all its tiles; with
   fewer (decode) `quant.matmul` reads its int8 weights in place, chunk by chunk.
   Work: A rows of FFN plus the padding of one partial tile per expert,
-  instead of the dense N*E. Every loop has a static trip count, so the
-  function is reverse-differentiable (for training the demo).
-  """
-  num_tokens, width = x.shape
-  k = expert_indices.shape[-1]
-  num_experts = w_in.shape[0]
-  num_assignments = num_tokens * k
-  tile = _tile_size_for(num_tokens, tile_size)
-  last_tile_sizes = _last_tile_sizes(tile)
-  convert_once = tile > quant.CHUNKED_MAX_ROWS
+  instead of the dense N*E.
 
-  # 1. Sort assignments by expert.
-  flat_experts = expert_indices.reshape(num_assignments)                       # [A]
-  flat_tokens = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)         # [A]
-  order = jnp.argsort(flat_experts, stable=True)                               # [A]
-  sorted_tokens = flat_tokens[order]                                           # [A]
-  sorted_gates = gates.reshape(num_assignments)[order]                         # [A]
-  counts = jnp.bincount(flat_experts, length=num_experts)                      # [E]
-  row_begin = jnp.cumsum(counts) - counts                                      # [E]
+  Gradient: a `jax.custom_vjp` (`_sparse_moe_backward`) that walks the same
+  tiles and skips the same empty experts and tiles, which JAX's own
+  differentiation of the loops above does not (it costs about what running
+  every expert on every token does). It gives the cotangents of x, gates and
+  the weights' float leaves: float weights, or the bfloat16 scales of a
+  QuantizedWeight (whose int8 values, like expert_indices, get float0 zeros:
+  integers have no gradient). Reverse mode only: `jax.jvp` through it raises.
+  """
+  return _sparse_moe(tile_size, x, gates, expert_indices, w_in, w_v, w_out)
+
+
+def _sparse_moe_forward(tile_size, x, gates, expert_indices, w_in, w_v, w_out):
+  """`sparse_moe`'s algorithm, with tile_size first (the custom_vjp's static argument)."""
+  num_tokens, width = x.shape
+  num_experts = w_in.shape[0]
+  tile = _tile_size_for(num_tokens, tile_size)
+  convert_once = tile > quant.CHUNKED_MAX_ROWS
+  assignments = _sort_assignments(gates, expert_indices, num_experts)
 
   def run_expert(out, expert):
-    count = counts[expert]
-
     def process(out):
       if convert_once:  # dequantize the expert's weights once for all its tiles
         weights = [quant.dequantize(quant.take(w, expert), x.dtype)
@@ -131,32 +197,111 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
                                 expert=expert)
 
       def run_rows(out, first, size: int):
-        """The expert's rows first .. first + size (those below count) onto out."""
-        within = first + jnp.arange(size)                                      # [C]
-        valid = within < count                                                 # [C]
-        rows = jnp.where(valid, row_begin[expert] + within, 0)                 # [C]
-        tokens = sorted_tokens[rows]                                           # [C]
-        row_gates = jnp.where(valid, sorted_gates[rows], 0.0)                  # [C]
+        """The expert's rows first .. first + size (those below its count) onto out."""
+        _, _, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C] each
         y = ffn(x[tokens])                                                     # [C, D]
         return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
 
-      full_tiles = count // tile
+      return _over_tiles(run_rows, out, assignments.counts[expert], num_tokens, tile)
 
-      def run_full_tile(out, index):
-        return jax.lax.cond(index < full_tiles,
-                            lambda out: run_rows(out, index * tile, tile),
-                            lambda out: out, out), None
-
-      out, _ = jax.lax.scan(run_full_tile, out, jnp.arange(num_tokens // tile))
-      first, rest = full_tiles * tile, count % tile
-      branches = [lambda out: out] + [functools.partial(run_rows, first=first, size=size)
-                                      for size in last_tile_sizes]
-      # 0 when no rows are left, else 1 + the smallest size that holds them.
-      branch = jnp.where(rest > 0, 1 + jnp.searchsorted(jnp.asarray(last_tile_sizes), rest), 0)
-      return jax.lax.switch(branch, branches, out)
-
-    return jax.lax.cond(count > 0, process, lambda out: out, out), None
+    return jax.lax.cond(assignments.counts[expert] > 0, process, lambda out: out, out), None
 
   out, _ = jax.lax.scan(run_expert, jnp.zeros((num_tokens, width), jnp.float32),
                         jnp.arange(num_experts))                               # [N, D]
   return out.astype(x.dtype)
+
+
+def _sparse_moe_forward_with_residuals(tile_size, x, gates, expert_indices, w_in, w_v, w_out):
+  """The custom_vjp's forward rule: the output, and the inputs as residuals (nothing else is kept)."""
+  out = _sparse_moe_forward(tile_size, x, gates, expert_indices, w_in, w_v, w_out)
+  return out, (x, gates, expert_indices, w_in, w_v, w_out)
+
+
+def _sparse_moe_backward(tile_size, residuals, out_grad):
+  """Cotangents of (x, gates, expert_indices, w_in, w_v, w_out) from out_grad [N, D].
+
+  The forward's walk again (the same sort, the same experts and tiles, empty
+  ones skipped). Per expert, its weights are dequantized once to x's dtype
+  (keeping the VJP of that step), then per tile of rows, with g_t the tile's
+  rows of out_grad in float32:
+    1. recompute y_t = expert_ffn(x_t) and keep its VJP (nothing from the
+       forward pass is stored but its inputs);
+    2. d gate = <g_t, y_t> per row (0 for padding rows);
+    3. d x_t, d W_t = VJP(g_t * gate), padding rows having gate 0;
+    4. scatter-add d x_t onto the tokens and d gate onto the sorted rows;
+       sum d W_t over the tiles in float32.
+  The expert's summed d W goes back through the dequantization's VJP to the
+  float leaves of its weights (the weights themselves, or the scales of int8
+  weights). Empty experts get zero cotangents. Finally the gate cotangents
+  are unsorted.
+  """
+  x, gates, expert_indices, w_in, w_v, w_out = residuals
+  num_tokens = x.shape[0]
+  num_experts = w_in.shape[0]
+  tile = _tile_size_for(num_tokens, tile_size)
+  assignments = _sort_assignments(gates, expert_indices, num_experts)
+  out_grad = out_grad.astype(jnp.float32)                                      # [N, D]
+  weight_leaves, weight_tree = jax.tree.flatten((w_in, w_v, w_out))
+  is_float = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in weight_leaves]
+
+  def run_expert(carry, expert):
+    expert_leaves = [leaf[expert] for leaf in weight_leaves]                  # [D, F] etc.
+    float_leaves = [leaf for leaf, f in zip(expert_leaves, is_float) if f]
+
+    def dense_weights(float_leaves):
+      """The expert's w_in, w_v [D, F] and w_out [F, D] in x's dtype, from its float leaves."""
+      replacements = iter(float_leaves)
+      leaves = [next(replacements) if f else leaf for leaf, f in zip(expert_leaves, is_float)]
+      return [quant.dequantize(w, x.dtype) for w in jax.tree.unflatten(weight_tree, leaves)]
+
+    def process(carry):
+      weights, dense_weights_vjp = jax.vjp(dense_weights, float_leaves)
+
+      def run_rows(carry, first, size: int):
+        """The expert's rows first .. first + size: their cotangents added to carry."""
+        x_grad, sorted_gate_grad, weight_grads = carry
+        rows, valid, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C]
+        y, ffn_vjp = jax.vjp(expert_ffn, x[tokens], *weights)                  # y [C, D]
+        row_grad = out_grad[tokens]                                            # [C, D]
+        row_gate_grad = jnp.where(
+            valid, jnp.sum(row_grad * y.astype(jnp.float32), axis=-1), 0.0)    # [C]
+        rows_x_grad, *tile_weight_grads = ffn_vjp(
+            (row_grad * row_gates[:, None]).astype(y.dtype))                   # [C, D], W shapes
+        return (x_grad.at[tokens].add(rows_x_grad.astype(jnp.float32)),
+                sorted_gate_grad.at[rows].add(row_gate_grad),
+                [total + part.astype(jnp.float32)
+                 for total, part in zip(weight_grads, tile_weight_grads)])
+
+      zero_weight_grads = [jnp.zeros(w.shape, jnp.float32) for w in weights]
+      x_grad, sorted_gate_grad, weight_grads = _over_tiles(
+          run_rows, (*carry, zero_weight_grads), assignments.counts[expert], num_tokens, tile)
+      (float_grads,) = dense_weights_vjp(
+          [grad.astype(w.dtype) for grad, w in zip(weight_grads, weights)])
+      return (x_grad, sorted_gate_grad), float_grads
+
+    def skip(carry):
+      return carry, [jnp.zeros_like(leaf) for leaf in float_leaves]
+
+    return jax.lax.cond(assignments.counts[expert] > 0, process, skip, carry)
+
+  init = (jnp.zeros(x.shape, jnp.float32),                                     # [N, D]
+          jnp.zeros(assignments.gates.shape, jnp.float32))                     # [A]
+  (x_grad, sorted_gate_grad), stacked_float_grads = jax.lax.scan(
+      run_expert, init, jnp.arange(num_experts))                               # [E, ...] each
+  stacked = iter(stacked_float_grads)
+  weight_grads = jax.tree.unflatten(
+      weight_tree, [next(stacked) if f else _integer_cotangent(leaf)
+                    for leaf, f in zip(weight_leaves, is_float)])
+  gates_grad = jnp.zeros_like(sorted_gate_grad).at[assignments.order].set(
+      sorted_gate_grad).reshape(gates.shape)                                   # [N, k]
+  return (x_grad.astype(x.dtype), gates_grad.astype(gates.dtype),
+          _integer_cotangent(expert_indices), *weight_grads)
+
+
+def _integer_cotangent(value) -> np.ndarray:
+  """The cotangent JAX expects for an integer input: float0 zeros of its shape."""
+  return np.zeros(np.shape(value), jax.dtypes.float0)
+
+
+_sparse_moe = jax.custom_vjp(_sparse_moe_forward, nondiff_argnums=(0,))
+_sparse_moe.defvjp(_sparse_moe_forward_with_residuals, _sparse_moe_backward)
