@@ -175,7 +175,9 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
   QuantizedWeight (whose int8 values, like expert_indices, get float0 zeros:
   integers have no gradient). Reverse mode only: `jax.jvp` through it raises.
   """
-  return _sparse_moe(tile_size, x, gates, expert_indices, w_in, w_v, w_out)
+  # NumPy inputs become arrays, which traced indices can index.
+  arrays = jax.tree.map(jnp.asarray, (x, gates, expert_indices, w_in, w_v, w_out))
+  return _sparse_moe(tile_size, *arrays)
 
 
 def _sparse_moe_forward(tile_size, x, gates, expert_indices, w_in, w_v, w_out):
