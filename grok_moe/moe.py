@@ -169,11 +169,13 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None):
 
   Gradient: a `jax.custom_vjp` (`_sparse_moe_backward`) that walks the same
   tiles and skips the same empty experts and tiles, which JAX's own
-  differentiation of the loops above does not (it costs about what running
-  every expert on every token does). It gives the cotangents of x, gates and
-  the weights' float leaves: float weights, or the bfloat16 scales of a
-  QuantizedWeight (whose int8 values, like expert_indices, get float0 zeros:
-  integers have no gradient). Reverse mode only: `jax.jvp` through it raises.
+  differentiation of the loops above does not (for one demo-sized layer
+  that takes 10x as long, and 2x as long as the gradient of `dense_moe`:
+  `python -m benchmarks.moe_grad`). It keeps only the inputs and recomputes
+  each tile's FFN. It gives the cotangents of x, gates and the weights'
+  float leaves: float weights, or the bfloat16 scales of a QuantizedWeight
+  (whose int8 values, like expert_indices, get float0 zeros: integers have
+  no gradient). Reverse mode only: `jax.jvp` through it raises.
   """
   # NumPy inputs become arrays, which traced indices can index.
   arrays = jax.tree.map(jnp.asarray, (x, gates, expert_indices, w_in, w_v, w_out))
@@ -244,20 +246,12 @@ def _sparse_moe_backward(tile_size, residuals, out_grad):
   assignments = _sort_assignments(gates, expert_indices, num_experts)
   out_grad = out_grad.astype(jnp.float32)                                      # [N, D]
   weight_leaves, weight_tree = jax.tree.flatten((w_in, w_v, w_out))
-  is_float = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in weight_leaves]
+  is_float = [_is_float(leaf) for leaf in weight_leaves]
 
   def run_expert(carry, expert):
-    expert_leaves = [leaf[expert] for leaf in weight_leaves]                  # [D, F] etc.
-    float_leaves = [leaf for leaf, f in zip(expert_leaves, is_float) if f]
-
-    def dense_weights(float_leaves):
-      """The expert's w_in, w_v [D, F] and w_out [F, D] in x's dtype, from its float leaves."""
-      replacements = iter(float_leaves)
-      leaves = [next(replacements) if f else leaf for leaf, f in zip(expert_leaves, is_float)]
-      return [quant.dequantize(w, x.dtype) for w in jax.tree.unflatten(weight_tree, leaves)]
-
     def process(carry):
-      weights, dense_weights_vjp = jax.vjp(dense_weights, float_leaves)
+      weights, dense_weights_vjp = _dense_expert_weights_with_vjp(
+          (w_in, w_v, w_out), expert, x.dtype)                                 # [D, F], [D, F], [F, D]
 
       def run_rows(carry, first, size: int):
         """The expert's rows first .. first + size: their cotangents added to carry."""
@@ -282,7 +276,8 @@ def _sparse_moe_backward(tile_size, residuals, out_grad):
       return (x_grad, sorted_gate_grad), float_grads
 
     def skip(carry):
-      return carry, [jnp.zeros_like(leaf) for leaf in float_leaves]
+      return carry, [jnp.zeros(leaf.shape[1:], leaf.dtype)
+                     for leaf, f in zip(weight_leaves, is_float) if f]
 
     return jax.lax.cond(assignments.counts[expert] > 0, process, skip, carry)
 
@@ -298,6 +293,30 @@ def _sparse_moe_backward(tile_size, residuals, out_grad):
       sorted_gate_grad).reshape(gates.shape)                                   # [N, k]
   return (x_grad.astype(x.dtype), gates_grad.astype(gates.dtype),
           _integer_cotangent(expert_indices), *weight_grads)
+
+
+def _is_float(leaf) -> bool:
+  """Whether a weight leaf has a gradient: float weights and scales do, int8 values not."""
+  return jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def _dense_expert_weights_with_vjp(weights, expert, dtype):
+  """One expert's weights dequantized to `dtype`, and the VJP of that step.
+
+  weights: the stacks (w_in, w_v, w_out) [E, ...], float arrays or QuantizedWeight.
+  Returns [w_in [D, F], w_v [D, F], w_out [F, D]] and a function from their
+  cotangents to those of the expert's float leaves (in tree order: the float
+  weights themselves, or the scales of int8 weights).
+  """
+  leaves, tree = jax.tree.flatten(weights)
+  expert_leaves = [leaf[expert] for leaf in leaves]                            # [D, F] etc.
+
+  def dense(float_leaves):
+    replacements = iter(float_leaves)
+    merged = [next(replacements) if _is_float(leaf) else leaf for leaf in expert_leaves]
+    return [quant.dequantize(w, dtype) for w in jax.tree.unflatten(tree, merged)]
+
+  return jax.vjp(dense, [leaf for leaf in expert_leaves if _is_float(leaf)])
 
 
 def _integer_cotangent(value) -> np.ndarray:
