@@ -6,7 +6,8 @@ One layer of the demo model's size by default (4096 tokens = a batch of 16
 windows of 256, D 128, F 344, 8 experts, top 2, float32), random weights and
 a random router, so the experts get uneven shares as in training. Each row
 is the median of --repeats calls of a jitted function after one call that
-compiles it:
+compiles it; the functions take turns, call by call, so that other load on
+the machine slows them alike:
 
 - forward: `moe.sparse_moe` alone;
 - gradient, custom VJP: `jax.grad` of <sparse_moe(...), c> for a fixed random
@@ -70,14 +71,17 @@ def _gradient(dispatch, cotangent):
   return jax.jit(jax.grad(objective, argnums=(0, 1, 3, 4, 5)))
 
 
-def _median_seconds(fn, inputs, repeats: int) -> float:
-  jax.block_until_ready(fn(*inputs))  # compiles
-  times = []
+def _median_seconds(functions: dict, inputs, repeats: int) -> dict:
+  """{name: median seconds of a call} over `repeats` rounds, each calling every function once."""
+  for fn in functions.values():
+    jax.block_until_ready(fn(*inputs))  # compiles
+  times = {name: [] for name in functions}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*inputs))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for name, fn in functions.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*inputs))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def main(argv=None) -> None:
@@ -97,12 +101,11 @@ def main(argv=None) -> None:
         f"tile {args.tile_size}, float32; rows per expert {counts.tolist()}; "
         f"jax {jax.__version__} on {jax.default_backend()}, load average "
         f"{os.getloadavg()[0]:.2f}")
-  forward_s = None
+  medians = _median_seconds(rows, inputs, args.repeats)
+  print(f"load average after: {os.getloadavg()[0]:.2f}")
   print("| function | median ms | x forward |\n| --- | ---: | ---: |")
-  for name, fn in rows.items():
-    seconds = _median_seconds(fn, inputs, args.repeats)
-    forward_s = forward_s or seconds
-    print(f"| {name} | {seconds * 1e3:.1f} | {seconds / forward_s:.2f} |", flush=True)
+  for name, seconds in medians.items():
+    print(f"| {name} | {seconds * 1e3:.1f} | {seconds / medians['forward']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def _sparse_moe_forward(tile_size, x, gates, expert_indices, w_in, w_v, w_out):
 
 
 def _sparse_moe_forward_with_residuals(tile_size, x, gates, expert_indices, w_in, w_v, w_out):
-  """The custom_vjp's forward rule: the output, and the inputs as residuals (nothing else is kept)."""
+  """The custom_vjp's forward rule: the output, and the inputs as its only residuals."""
   out = _sparse_moe_forward(tile_size, x, gates, expert_indices, w_in, w_v, w_out)
   return out, (x, gates, expert_indices, w_in, w_v, w_out)
 
@@ -250,8 +250,9 @@ def _sparse_moe_backward(tile_size, residuals, out_grad):
 
   def run_expert(carry, expert):
     def process(carry):
+      # weights: w_in, w_v [D, F] and w_out [F, D] in x's dtype.
       weights, dense_weights_vjp = _dense_expert_weights_with_vjp(
-          (w_in, w_v, w_out), expert, x.dtype)                                 # [D, F], [D, F], [F, D]
+          (w_in, w_v, w_out), expert, x.dtype)
 
       def run_rows(carry, first, size: int):
         """The expert's rows first .. first + size: their cotangents added to carry."""
