@@ -7,9 +7,11 @@ k experts per token, A = N*k assignments (token, expert) pairs, C tile rows.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from grok_moe import quant
 
@@ -78,6 +80,71 @@ def _last_tile_sizes(tile: int) -> tuple[int, ...]:
   return (*sizes, tile)
 
 
+class _SortedAssignments(NamedTuple):
+  """The A = N*k (token, expert) assignments sorted by expert (stable: tokens keep their order)."""
+
+  order: jax.Array      # [A] each sorted row's place among the flat [N*k] assignments
+  tokens: jax.Array     # [A] each sorted row's token
+  gates: jax.Array      # [A] each sorted row's gate
+  counts: jax.Array     # [E] rows of each expert
+  row_begin: jax.Array  # [E] each expert's first sorted row
+
+
+def _sort_assignments(gates, expert_indices, num_experts: int) -> _SortedAssignments:
+  """gates, expert_indices [N, k] -> their assignments sorted by expert.
+
+  Indices outside 0 .. E-1 sort last and count for no expert, so they are never run.
+  """
+  num_tokens, k = expert_indices.shape
+  num_assignments = num_tokens * k
+  flat_experts = expert_indices.reshape(num_assignments)                       # [A]
+  flat_tokens = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)         # [A]
+  order = jnp.argsort(flat_experts, stable=True)                               # [A]
+  counts = jnp.bincount(flat_experts, length=num_experts)                      # [E]
+  return _SortedAssignments(order=order, tokens=flat_tokens[order],
+                            gates=gates.reshape(num_assignments)[order], counts=counts,
+                            row_begin=jnp.cumsum(counts) - counts)
+
+
+def _tile_rows(assignments: _SortedAssignments, expert, first, size: int):
+  """Rows first .. first + size of `expert`'s sorted rows, padded past its count.
+
+  Returns sorted row [C], valid [C], token [C] and gate [C]; padding rows
+  (valid False) point at row 0 and carry gate 0.
+  """
+  within = first + jnp.arange(size)                                            # [C]
+  valid = within < assignments.counts[expert]                                  # [C]
+  rows = jnp.where(valid, assignments.row_begin[expert] + within, 0)           # [C]
+  tokens = assignments.tokens[rows]                                            # [C]
+  row_gates = jnp.where(valid, assignments.gates[rows], 0.0)                   # [C]
+  return rows, valid, tokens, row_gates
+
+
+def _over_tiles(run_rows, carry, count, num_tokens: int, tile: int):
+  """carry through run_rows(carry, first, size) over an expert's `count` rows, tile by tile.
+
+  count // tile full tiles of `tile` rows (a scan with the static bound
+  num_tokens // tile, tiles past the count skipped), then the count % tile
+  rows left as one tile of the smallest size that holds them among
+  `_last_tile_sizes(tile)` (`lax.switch`; none when no rows are left).
+  """
+  full_tiles = count // tile
+
+  def run_full_tile(carry, index):
+    return jax.lax.cond(index < full_tiles,
+                        lambda carry: run_rows(carry, index * tile, tile),
+                        lambda carry: carry, carry), None
+
+  carry, _ = jax.lax.scan(run_full_tile, carry, jnp.arange(num_tokens // tile))
+  first, rest = full_tiles * tile, count % tile
+  last_tile_sizes = _last_tile_sizes(tile)
+  branches = [lambda carry: carry] + [functools.partial(run_rows, first=first, size=size)
+                                      for size in last_tile_sizes]
+  # 0 when no rows are left, else 1 + the smallest size that holds them.
+  branch = jnp.where(rest > 0, 1 + jnp.searchsorted(jnp.asarray(last_tile_sizes), rest), 0)
+  return jax.lax.switch(branch, branches, carry)
+
+
 def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, layer=None):
   """Each token through its k selected experts only; no token is dropped.
 
@@ -98,34 +165,45 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, la
   Weights: with tiles of more than quant.CHUNKED_MAX_ROWS rows (prefill,
   training) an expert's weights are dequantized once for all its tiles; with
   fewer (decode) `quant.matmul` reads its int8 weights in place, chunk by chunk.
-  `layer` (an int or traced index) selects one layer of weights stacked
-  [L, E, ...], read in place.
   Work: A rows of FFN plus the padding of one partial tile per expert,
-  instead of the dense N*E. Every loop has a static trip count, so the
-  function is reverse-differentiable (for training the demo).
-  """
-  num_tokens, width = x.shape
-  k = expert_indices.shape[-1]
-  num_experts = w_in.shape[-3]
-  # With `layer`, the weights are every layer's stacks [L, E, ...], read at [layer, expert].
-  prefix = () if layer is None else (layer,)
-  num_assignments = num_tokens * k
-  tile = _tile_size_for(num_tokens, tile_size)
-  last_tile_sizes = _last_tile_sizes(tile)
-  convert_once = tile > quant.CHUNKED_MAX_ROWS
+  instead of the dense N*E.
 
-  # 1. Sort assignments by expert.
-  flat_experts = expert_indices.reshape(num_assignments)                       # [A]
-  flat_tokens = jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), k)         # [A]
-  order = jnp.argsort(flat_experts, stable=True)                               # [A]
-  sorted_tokens = flat_tokens[order]                                           # [A]
-  sorted_gates = gates.reshape(num_assignments)[order]                         # [A]
-  counts = jnp.bincount(flat_experts, length=num_experts)                      # [E]
-  row_begin = jnp.cumsum(counts) - counts                                      # [E]
+  `layer` (an int or a traced index) selects one layer of weights stacked
+  [L, E, ...] (the model's layer scan), read in place at [layer, expert]:
+  slicing the layer out first would copy all its experts where decoding
+  reads k of them.
+
+  Gradient: a `jax.custom_vjp` (`_sparse_moe_backward`) that walks the same
+  tiles and skips the same empty experts and tiles, which JAX's own
+  differentiation of the loops above does not (for one demo-sized layer
+  that takes 10x as long, and 2x as long as the gradient of `dense_moe`:
+  `python -m benchmarks.moe_grad`). It keeps only the inputs and recomputes
+  each tile's FFN. It gives the cotangents of x, gates and the weights'
+  float leaves: float weights, or the bfloat16 scales of a QuantizedWeight
+  (whose int8 values, like expert_indices, get float0 zeros: integers have
+  no gradient). Reverse mode only: `jax.jvp` through it raises.
+  """
+  # NumPy inputs become arrays, which traced indices can index.
+  arrays = jax.tree.map(jnp.asarray, (x, gates, expert_indices, w_in, w_v, w_out))
+  layer = None if layer is None else jnp.asarray(layer, jnp.int32)
+  return _sparse_moe(tile_size, layer, *arrays)
+
+
+def _prefix(layer) -> tuple:
+  """The leading index of an expert's weights before the expert's own: (layer,) or ()."""
+  return () if layer is None else (layer,)
+
+
+def _sparse_moe_forward(tile_size, layer, x, gates, expert_indices, w_in, w_v, w_out):
+  """`sparse_moe`'s algorithm, with tile_size first (the custom_vjp's static argument)."""
+  num_tokens, width = x.shape
+  num_experts = w_in.shape[-3]
+  prefix = _prefix(layer)
+  tile = _tile_size_for(num_tokens, tile_size)
+  convert_once = tile > quant.CHUNKED_MAX_ROWS
+  assignments = _sort_assignments(gates, expert_indices, num_experts)
 
   def run_expert(out, expert):
-    count = counts[expert]
-
     def process(out):
       if convert_once:  # dequantize the expert's weights once for all its tiles
         weights = [quant.dequantize(quant.take(w, prefix + (expert,)), x.dtype)
@@ -136,32 +214,139 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, la
                                 index=prefix + (expert,))
 
       def run_rows(out, first, size: int):
-        """The expert's rows first .. first + size (those below count) onto out."""
-        within = first + jnp.arange(size)                                      # [C]
-        valid = within < count                                                 # [C]
-        rows = jnp.where(valid, row_begin[expert] + within, 0)                 # [C]
-        tokens = sorted_tokens[rows]                                           # [C]
-        row_gates = jnp.where(valid, sorted_gates[rows], 0.0)                  # [C]
+        """The expert's rows first .. first + size (those below its count) onto out."""
+        _, _, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C] each
         y = ffn(x[tokens])                                                     # [C, D]
         return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
 
-      full_tiles = count // tile
+      return _over_tiles(run_rows, out, assignments.counts[expert], num_tokens, tile)
 
-      def run_full_tile(out, index):
-        return jax.lax.cond(index < full_tiles,
-                            lambda out: run_rows(out, index * tile, tile),
-                            lambda out: out, out), None
-
-      out, _ = jax.lax.scan(run_full_tile, out, jnp.arange(num_tokens // tile))
-      first, rest = full_tiles * tile, count % tile
-      branches = [lambda out: out] + [functools.partial(run_rows, first=first, size=size)
-                                      for size in last_tile_sizes]
-      # 0 when no rows are left, else 1 + the smallest size that holds them.
-      branch = jnp.where(rest > 0, 1 + jnp.searchsorted(jnp.asarray(last_tile_sizes), rest), 0)
-      return jax.lax.switch(branch, branches, out)
-
-    return jax.lax.cond(count > 0, process, lambda out: out, out), None
+    return jax.lax.cond(assignments.counts[expert] > 0, process, lambda out: out, out), None
 
   out, _ = jax.lax.scan(run_expert, jnp.zeros((num_tokens, width), jnp.float32),
                         jnp.arange(num_experts))                               # [N, D]
   return out.astype(x.dtype)
+
+
+def _sparse_moe_forward_with_residuals(tile_size, layer, x, gates, expert_indices, w_in, w_v,
+                                       w_out):
+  """The custom_vjp's forward rule: the output, and the inputs as its only residuals."""
+  out = _sparse_moe_forward(tile_size, layer, x, gates, expert_indices, w_in, w_v, w_out)
+  return out, (layer, x, gates, expert_indices, w_in, w_v, w_out)
+
+
+def _sparse_moe_backward(tile_size, residuals, out_grad):
+  """Cotangents of (layer, x, gates, expert_indices, w_in, w_v, w_out) from out_grad [N, D].
+
+  The forward's walk again (the same sort, the same experts and tiles, empty
+  ones skipped). Per expert, its weights are dequantized once to x's dtype
+  (keeping the VJP of that step), then per tile of rows, with g_t the tile's
+  rows of out_grad in float32:
+    1. recompute y_t = expert_ffn(x_t) and keep its VJP (nothing from the
+       forward pass is stored but its inputs);
+    2. d gate = <g_t, y_t> per row (0 for padding rows);
+    3. d x_t, d W_t = VJP(g_t * gate), padding rows having gate 0;
+    4. scatter-add d x_t onto the tokens and d gate onto the sorted rows;
+       sum d W_t over the tiles in float32.
+  The expert's summed d W goes back through the dequantization's VJP to the
+  float leaves of its weights (the weights themselves, or the scales of int8
+  weights). Empty experts get zero cotangents. Finally the gate cotangents
+  are unsorted. With a `layer`, the weights' cotangents are zero but in that
+  layer's slot of the stacks [L, E, ...].
+  """
+  layer, x, gates, expert_indices, w_in, w_v, w_out = residuals
+  prefix = _prefix(layer)
+  num_tokens = x.shape[0]
+  num_experts = w_in.shape[-3]
+  tile = _tile_size_for(num_tokens, tile_size)
+  assignments = _sort_assignments(gates, expert_indices, num_experts)
+  out_grad = jnp.asarray(out_grad, jnp.float32)                                    # [N, D]
+  weight_leaves, weight_tree = jax.tree.flatten((w_in, w_v, w_out))
+  is_float = [_is_float(leaf) for leaf in weight_leaves]
+
+  def run_expert(carry, expert):
+    def process(carry):
+      # weights: w_in, w_v [D, F] and w_out [F, D] in x's dtype.
+      weights, dense_weights_vjp = _dense_expert_weights_with_vjp(
+          (w_in, w_v, w_out), prefix + (expert,), x.dtype)
+
+      def run_rows(carry, first, size: int):
+        """The expert's rows first .. first + size: their cotangents added to carry."""
+        x_grad, sorted_gate_grad, weight_grads = carry
+        rows, valid, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C]
+        y, ffn_vjp = jax.vjp(expert_ffn, x[tokens], *weights)                  # y [C, D]
+        row_grad = out_grad[tokens]                                            # [C, D]
+        row_gate_grad = jnp.where(
+            valid, jnp.sum(row_grad * y.astype(jnp.float32), axis=-1), 0.0)    # [C]
+        rows_x_grad, *tile_weight_grads = ffn_vjp(
+            (row_grad * row_gates[:, None]).astype(y.dtype))                   # [C, D], W shapes
+        return (x_grad.at[tokens].add(rows_x_grad.astype(jnp.float32)),
+                sorted_gate_grad.at[rows].add(row_gate_grad),
+                [total + part.astype(jnp.float32)
+                 for total, part in zip(weight_grads, tile_weight_grads)])
+
+      zero_weight_grads = [jnp.zeros(w.shape, jnp.float32) for w in weights]
+      x_grad, sorted_gate_grad, weight_grads = _over_tiles(
+          run_rows, (*carry, zero_weight_grads), assignments.counts[expert], num_tokens, tile)
+      (float_grads,) = dense_weights_vjp(
+          [grad.astype(w.dtype) for grad, w in zip(weight_grads, weights)])
+      return (x_grad, sorted_gate_grad), float_grads
+
+    def skip(carry):
+      return carry, [jnp.zeros(leaf.shape[len(prefix) + 1:], leaf.dtype)
+                     for leaf, f in zip(weight_leaves, is_float) if f]
+
+    return jax.lax.cond(assignments.counts[expert] > 0, process, skip, carry)
+
+  init = (jnp.zeros(x.shape, jnp.float32),                                     # [N, D]
+          jnp.zeros(assignments.gates.shape, jnp.float32))                     # [A]
+  (x_grad, sorted_gate_grad), stacked_float_grads = jax.lax.scan(
+      run_expert, init, jnp.arange(num_experts))                               # [E, ...] each
+  if layer is not None:  # [E, ...] into the layer's slot of zeros [L, E, ...]
+    float_leaves = [leaf for leaf, f in zip(weight_leaves, is_float) if f]
+    stacked_float_grads = [
+        jax.lax.dynamic_update_index_in_dim(jnp.zeros(leaf.shape, grad.dtype), grad, layer, 0)
+        for leaf, grad in zip(float_leaves, stacked_float_grads)]
+  stacked = iter(stacked_float_grads)
+  weight_grads = jax.tree.unflatten(
+      weight_tree, [next(stacked) if f else _integer_cotangent(leaf)
+                    for leaf, f in zip(weight_leaves, is_float)])
+  gates_grad = jnp.zeros_like(sorted_gate_grad).at[assignments.order].set(
+      sorted_gate_grad).reshape(gates.shape)                                   # [N, k]
+  layer_grad = None if layer is None else _integer_cotangent(layer)
+  return (layer_grad, x_grad.astype(x.dtype), gates_grad.astype(gates.dtype),
+          _integer_cotangent(expert_indices), *weight_grads)
+
+
+def _is_float(leaf) -> bool:
+  """Whether a weight leaf has a gradient: float weights and scales do, int8 values not."""
+  return jnp.issubdtype(leaf.dtype, jnp.floating)
+
+
+def _dense_expert_weights_with_vjp(weights, index, dtype):
+  """One expert's weights dequantized to `dtype`, and the VJP of that step.
+
+  weights: the stacks (w_in, w_v, w_out) [E, ...] (or [L, E, ...]), float arrays or
+  QuantizedWeight, of which the expert at `index` is used.
+  Returns [w_in [D, F], w_v [D, F], w_out [F, D]] and a function from their
+  cotangents to those of the expert's float leaves (in tree order: the float
+  weights themselves, or the scales of int8 weights).
+  """
+  leaves, tree = jax.tree.flatten(weights)
+  expert_leaves = [quant.take(leaf, index) for leaf in leaves]                # [D, F] etc.
+
+  def dense(float_leaves):
+    replacements = iter(float_leaves)
+    merged = [next(replacements) if _is_float(leaf) else leaf for leaf in expert_leaves]
+    return [quant.dequantize(w, dtype) for w in jax.tree.unflatten(tree, merged)]
+
+  return jax.vjp(dense, [leaf for leaf in expert_leaves if _is_float(leaf)])
+
+
+def _integer_cotangent(value) -> np.ndarray:
+  """The cotangent JAX expects for an integer input: float0 zeros of its shape."""
+  return np.zeros(np.shape(value), jax.dtypes.float0)
+
+
+_sparse_moe = jax.custom_vjp(_sparse_moe_forward, nondiff_argnums=(0,))
+_sparse_moe.defvjp(_sparse_moe_forward_with_residuals, _sparse_moe_backward)

@@ -9,20 +9,18 @@ given at least 3% of the routed assignments.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import pathlib
 import types
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import grok_moe
-from grok_moe import manifest, moe, quant
-from scripts import demo_data, demo_eval, demo_moe_grad
+from grok_moe import manifest, quant
+from scripts import demo_data, demo_eval
 
 DEMO_DIR = pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "demo"
 MAX_DIRECTORY_BYTES = 12_000_000
@@ -106,43 +104,3 @@ def test_every_expert_gets_at_least_3_percent_of_the_routed_tokens(demo):
   shares = demo.score.expert_shares
   assert shares.min() >= MIN_EXPERT_SHARE, f"expert shares per layer:\n{np.round(shares, 3)}"
 
-
-def test_fast_moe_grad_matches_the_dense_moe_gradient():
-  """train_demo.py's MoE backward pass gives JAX's gradient of the plain dense MoE.
-
-  (moe.dense_moe computes the same function as moe.sparse_moe, more simply.)
-  """
-  rng = np.random.default_rng(0)
-  num_tokens, width, hidden, num_experts, k, tile_size = 21, 8, 12, 4, 2, 4
-  x = jnp.asarray(rng.normal(size=(num_tokens, width)), jnp.float32)
-  router_w = jnp.asarray(rng.normal(size=(width, num_experts)), jnp.float32)
-  w_in, w_v = (jnp.asarray(rng.normal(size=(num_experts, width, hidden)) / width ** 0.5,
-                           jnp.float32) for _ in range(2))
-  w_out = jnp.asarray(rng.normal(size=(num_experts, hidden, width)) / hidden ** 0.5, jnp.float32)
-
-  def loss(dispatch, x, router_w, w_in, w_v, w_out):
-    gates, expert_indices = moe.route(x, router_w, k)
-    return jnp.sum(jnp.sin(dispatch(x, gates, expert_indices, w_in, w_v, w_out)))
-
-  def fast(*args):
-    return demo_moe_grad.sparse_moe_with_fast_grad(*args, tile_size)
-
-  inputs = (x, router_w, w_in, w_v, w_out)
-  expected = jax.jit(jax.grad(functools.partial(loss, moe.dense_moe), argnums=range(5)))(*inputs)
-  actual = jax.jit(jax.grad(functools.partial(loss, fast), argnums=range(5)))(*inputs)
-  for name, got, want in zip(("x", "router", "w_in", "w_v", "w_out"), actual, expected):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
-
-
-def test_fast_moe_grad_is_what_the_model_runs_in_training():
-  config = grok_moe.TINY
-  params = grok_moe.init_params(config)
-  tokens = jnp.ones((1, 11), jnp.int32)  # an odd shape and tile size: a trace of its own
-
-  def logits_sum(params):
-    return jnp.sum(grok_moe.forward(params, tokens, config, dtype=jnp.float32,
-                                    tile_size=24).logits)
-
-  with demo_moe_grad.fast_moe_grad():
-    traced = str(jax.make_jaxpr(jax.grad(logits_sum))(params))
-  assert traced.count("custom_vjp_call") == config.num_layers
