@@ -276,7 +276,7 @@ def train(args: argparse.Namespace, config: ModelConfig, train_ids: np.ndarray,
 
 
 def save_float_params(params, path: Path) -> None:
-    """The float32 parameters as an .npz of {release name: array}."""
+    """The float32 parameters as an .npz of {name: array} (the stacked tree's names)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{name: np.asarray(leaf) for name, leaf in manifest.flatten(params).items()})
 

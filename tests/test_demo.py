@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import grok_moe
+from grok_moe import params as param_table
 from grok_moe import manifest, quant
 from scripts import demo_data, demo_eval
 
@@ -57,7 +58,7 @@ def test_config_is_grok_architecture(demo):
 
 def test_weights_are_int8_in_the_release_layout(demo):
   for name, leaf in manifest.flatten(demo.params).items():
-    blocks = quant.row_blocks_for(name)
+    blocks = param_table.row_blocks_for(name)
     if blocks is None:
       assert leaf.dtype == jnp.float32, name
     else:
