@@ -186,7 +186,7 @@ def test_at_most_max_workers_plus_one_tensors_are_in_host_memory(saved, monkeypa
   root, _ = saved
   lock = threading.Lock()
   state = {"in_host": 0, "most": 0}
-  read = checkpoint._read_tensor_file
+  read = checkpoint.read_tensor_file
 
   def counting_read(*args):
     leaf = read(*args)
@@ -201,7 +201,7 @@ def test_at_most_max_workers_plus_one_tensors_are_in_host_memory(saved, monkeypa
       state["in_host"] -= 1
     return leaf
 
-  monkeypatch.setattr(checkpoint, "_read_tensor_file", counting_read)
+  monkeypatch.setattr(checkpoint, "read_tensor_file", counting_read)
   load(root, place=slow_place, max_workers=2)
   assert 1 < state["most"] <= 2 + 1
 
