@@ -78,8 +78,9 @@ def _scales_shape_ok(shape: tuple[int, ...]):
 
 
 def _build(spec: release_pickle.ArraySpec) -> np.ndarray:
-  """The checked spec as an array over its own bytes (writable when they are a bytearray)."""
-  return np.frombuffer(spec.data, dtype=spec.dtype.numpy_dtype).reshape(spec.shape)
+  """The checked spec as a writable array over its bytes (small ones, read as bytes, are copied)."""
+  data = spec.data if isinstance(spec.data, bytearray) else bytearray(spec.data)
+  return np.frombuffer(data, dtype=spec.dtype.numpy_dtype).reshape(spec.shape)
 
 
 def check_finite(array: np.ndarray, what: str, stop: threading.Event | None = None) -> None:
@@ -174,11 +175,11 @@ def read_tensor_file(file_path, entry, stop: threading.Event | None = None):
             f"({most}): the file is corrupt or does not belong to this config. "
             f"Re-download {file_path.name}, or pass the config the checkpoint was made with.")
       value, trailing = release_pickle.decode(file, size, stop)
+    leaf = check_spec(value, name, shape, str(file_path))
     if trailing:
       raise CheckpointError(
           f"{where} has {trailing} unexpected bytes after its tensor: the file is "
           f"corrupt; re-download {file_path.name}.")
-    leaf = check_spec(value, name, shape, str(file_path))
     if isinstance(leaf, quant.QuantizedWeight):
       check_finite(leaf.scales, f"{where}, its scales,", stop)
     else:
