@@ -194,8 +194,8 @@ def read_tensor_file(file_path, entry, stop: threading.Event | None = None):
         f"{where}: {error}. This is not a Grok-1 tensor file and may have been tampered "
         f"with: do not load it; re-download {file_path.name} from the release.") from None
   except release_pickle.DecodeError as error:
-    raise CheckpointError(f"{where} is truncated or corrupt ({error}); re-download "
-                          f"{file_path.name}.") from None
+    raise CheckpointError(f"{where} is not a valid tensor file ({error}): it is truncated, "
+                          f"corrupt or was tampered with; re-download {file_path.name}.") from None
   except MemoryError:
     raise CheckpointError(f"out of memory reading {where}; free host memory or load "
                           "with fewer max_workers.") from None
