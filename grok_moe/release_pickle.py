@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import struct
 import threading
 from typing import BinaryIO
 
