@@ -1,8 +1,9 @@
 """Reading and writing checkpoints in the format of the Grok-1 release.
 
 A checkpoint directory D holds `D/ckpt-0/tensor{i:05d}_000`, one pickled tensor
-per file in the order of `manifest.checkpoint_manifest`, and, for any config
-other than Grok-1, `D/config.json`. Float-only tensors (embeddings, norm
+per file in the order of `manifest.checkpoint_manifest`, and the model's
+config.json (none in the Grok-1 release). grok_moe saves make ckpt-0 a symlink
+to a version directory that holds config.json too (see `checkpoint_dir`). Float-only tensors (embeddings, norm
 scales, router) are float32 numpy arrays; every other weight is a
 `__main__.QuantizedWeight8bit` record of an int8 `weight` and bfloat16
 `scales` in the layout `quant.row_blocks_for` gives it.
@@ -50,6 +51,7 @@ from grok_moe.checkpoint_dir import CONFIG_FILE, TENSOR_DIR
 from grok_moe.config import GROK_1, ModelConfig
 from grok_moe.errors import CheckpointError, ConfigError
 from grok_moe.tensor_file import read_tensor_file
+
 _TENSOR_FILE_PATTERN = re.compile(r"tensor\d{5}_\d{3}")
 
 Place = Callable[[str, Any], Any]
@@ -92,11 +94,16 @@ def _tensor_files(tensor_dir: pathlib.Path) -> list[str]:
 def checkpoint_config(path, config: ModelConfig | None = None) -> ModelConfig:
   """The config of the checkpoint at `path` (D or D/ckpt-0).
 
-  config.json beside ckpt-0 wins when present (a `config` argument must then
-  equal it); without one, `config` is needed, except that a directory of 770
-  tensors is the Grok-1 release.
+  config.json (inside ckpt-0, else beside it) wins when present (a `config`
+  argument must then equal it); without one, `config` is needed, except that
+  a directory of 770 tensors is the Grok-1 release.
   """
-  root, tensor_dir = checkpoint_dir.locate(path)
+  return _config_at(*checkpoint_dir.locate(path), config)
+
+
+def _config_at(root: pathlib.Path, tensor_dir: pathlib.Path,
+               config: ModelConfig | None) -> ModelConfig:
+  """`checkpoint_config` for a located (root, tensor directory): see there."""
   config_path = checkpoint_dir.config_path(root, tensor_dir)
   if config_path is not None:
     try:
@@ -172,8 +179,8 @@ def load_checkpoint(path, config: ModelConfig | None = None, *,
   if max_workers < 1:
     raise ValueError(f"max_workers must be >= 1, got {max_workers}")
   place = place or place_on_default_device
-  config = checkpoint_config(path, config)
-  root, tensor_dir = checkpoint_dir.locate(path)
+  root, tensor_dir = checkpoint_dir.locate(path)  # once: config and tensors of one version
+  config = _config_at(root, tensor_dir, config)
   checkpoint_dir.remove_leftovers(root)
   entries = manifest.checkpoint_manifest(config)
   _check_tensor_files(tensor_dir, config, entries)
