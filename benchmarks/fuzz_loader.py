@@ -62,7 +62,7 @@ def _dtype(code: str, state: bytes) -> bytes:
 
 
 def _array(dtype: bytes, shape: bytes, data: bytes) -> bytes:
-  """numpy._core.multiarray._reconstruct(ndarray, (0,), b'b') then BUILD (1, shape, dtype, False, data)."""
+  """numpy's _reconstruct(ndarray, (0,), b'b'), then BUILD with (1, shape, dtype, False, data)."""
   return (_text("numpy._core.multiarray") + _text("_reconstruct") + pickle.STACK_GLOBAL
           + _text("numpy") + _text("ndarray") + pickle.STACK_GLOBAL
           + pickle.BININT1 + b"\0" + pickle.TUPLE1 + pickle.SHORT_BINBYTES + b"\x01b"

@@ -3,10 +3,10 @@
 A checkpoint directory D holds `D/ckpt-0/tensor{i:05d}_000`, one pickled tensor
 per file in the order of `manifest.checkpoint_manifest`, and the model's
 config.json (none in the Grok-1 release). grok_moe saves make ckpt-0 a symlink
-to a version directory that holds config.json too (see `checkpoint_dir`). Float-only tensors (embeddings, norm
-scales, router) are float32 numpy arrays; every other weight is a
-`__main__.QuantizedWeight8bit` record of an int8 `weight` and bfloat16
-`scales` in the layout `quant.row_blocks_for` gives it.
+to a version directory that holds config.json too (see `checkpoint_dir`).
+Float-only tensors (embeddings, norm scales, router) are float32 numpy arrays;
+every other weight is a `__main__.QuantizedWeight8bit` record of an int8
+`weight` and bfloat16 `scales` in the layout `quant.row_blocks_for` gives it.
 
 Loading (`load_checkpoint`):
   1. Find ckpt-0 and the config (argument, config.json, or Grok-1 for 770 files).

@@ -81,7 +81,7 @@ def locate(path) -> tuple[pathlib.Path, pathlib.Path]:
 
 
 def config_path(root: pathlib.Path, tensor_dir: pathlib.Path) -> pathlib.Path | None:
-  """The checkpoint's config.json: inside the tensor directory first, then beside it; None if neither."""
+  """The checkpoint's config.json: in the tensor directory, else beside it; None if neither."""
   for candidate in (tensor_dir / CONFIG_FILE, root / CONFIG_FILE):
     if os.path.lexists(candidate):
       return candidate
@@ -89,7 +89,7 @@ def config_path(root: pathlib.Path, tensor_dir: pathlib.Path) -> pathlib.Path | 
 
 
 def file_sizes(file_paths: list[pathlib.Path], names: list[str]) -> list[int]:
-  """Sizes of the tensor files; CheckpointError naming file and tensor for one that cannot be stat'ed."""
+  """Sizes of the tensor files; CheckpointError naming file and tensor if one cannot be stat'ed."""
   sizes = []
   for file_path, name in zip(file_paths, names):
     try:

@@ -1,4 +1,4 @@
-"""The pickle format of the release's tensor files: decoded as plain data, written as the release did.
+"""The release's tensor-file pickle format: decoded as plain data, written as the release did.
 
 Reading: `decode` is a small pickle interpreter of its own, not `pickle.Unpickler`.
 It knows only the opcodes a tensor file uses and the few objects the release
@@ -160,14 +160,14 @@ def _dtype_state_is_plain(code: str, state) -> bool:
   if version != 3 or order != expected_order or (subarray, names, fields) != (None,) * 3:
     return False
   if code == BFLOAT16:
-    return (elsize == alignment == 2 and type(flags) is int  # pylint: disable=unidiomatic-typecheck
+    return (elsize == alignment == 2 and type(flags) is int
             and 0 <= flags < 256)
   return (elsize, alignment, flags) == (-1, -1, 0)
 
 
 def _is_shape(value) -> bool:
   return (isinstance(value, tuple) and len(value) <= 8
-          and all(type(dim) is int and 0 <= dim < 2**40 for dim in value))  # pylint: disable=unidiomatic-typecheck
+          and all(type(dim) is int and 0 <= dim < 2**40 for dim in value))
 
 
 class _Decoder:
@@ -375,7 +375,7 @@ class _Decoder:
     if not isinstance(target, dict) or len(items) % 2:
       raise DecodeError("SETITEMS on something that is not a dict")
     for key, value in zip(items[::2], items[1::2]):
-      if type(key) is not str:  # pylint: disable=unidiomatic-typecheck
+      if type(key) is not str:
         raise DecodeError(f"a dict key that is {describe(key)}, not a string")
       target[key] = value
       if len(target) > 2:
@@ -410,7 +410,7 @@ class _Decoder:
 
   def _stack_global(self):
     name, module = self._pop(), self._pop()
-    if type(module) is not str or type(name) is not str:  # pylint: disable=unidiomatic-typecheck
+    if type(module) is not str or type(name) is not str:
       raise DecodeError("STACK_GLOBAL of something other than two strings")
     self._push(self._global(module, name))
 
@@ -447,12 +447,12 @@ class _Decoder:
         self._push(ArraySpec())
         return
     elif function.role == "dtype":
-      if len(args) == 3 and type(args[1]) is bool and args[2] is True:  # pylint: disable=unidiomatic-typecheck
+      if len(args) == 3 and type(args[1]) is bool and args[2] is True:
         code = args[0]
         if code == _Global(BFLOAT16):
           self._push(DtypeSpec(BFLOAT16))
           return
-        if type(code) is str and code in DTYPE_CODES:  # pylint: disable=unidiomatic-typecheck
+        if type(code) is str and code in DTYPE_CODES:
           self._push(DtypeSpec(code))
           return
     elif function.role == "frombuffer":
@@ -478,7 +478,7 @@ class _Decoder:
       target.built = True
     elif isinstance(target, ArraySpec) and target.dtype is None:
       if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1
-              and type(state[0]) is int and _is_shape(state[1])  # pylint: disable=unidiomatic-typecheck
+              and type(state[0]) is int and _is_shape(state[1])
               and isinstance(state[2], DtypeSpec) and state[2].built
               and state[3] is False and isinstance(state[4], (bytes, bytearray))):
         raise DecodeError("an array state that is not (1, shape, dtype, False, bytes)")

@@ -199,6 +199,6 @@ def read_tensor_file(file_path, entry, stop: threading.Event | None = None):
   except MemoryError:
     raise CheckpointError(f"out of memory reading {where}; free host memory or load "
                           "with fewer max_workers.") from None
-  except Exception as error:  # pylint: disable=broad-except  # OSError from read, and anything unforeseen
+  except Exception as error:  # pylint: disable=broad-except  # OSError from a read, or unforeseen
     raise CheckpointError(f"cannot read {where} ({type(error).__name__}: {error}); "
                           f"re-download {file_path.name}.") from None

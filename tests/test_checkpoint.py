@@ -61,7 +61,7 @@ def tensor_path(root, name, config=CONFIG):
 
 
 def to_release_layout(root):
-  """Turn a saved checkpoint into the release's layout: a plain ckpt-0/ of tensors, no config.json."""
+  """Turn a saved checkpoint into the release layout: a plain ckpt-0/ of tensors, no config.json."""
   version = (root / "ckpt-0").resolve()
   (root / "ckpt-0").unlink()
   (root / "config.json").unlink()

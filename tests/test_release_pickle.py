@@ -9,6 +9,7 @@ payloads segfaulted, read process memory, hung, or took gigabytes.
 import io
 import pickle
 import resource
+import threading
 import time
 
 import ml_dtypes
@@ -82,13 +83,16 @@ def test_a_valid_file_reads_as_a_writable_array_over_its_own_bytes(tmp_path):
 
 @pytest.mark.parametrize("protocol", [3, 4, 5])
 def test_numpy_pickles_of_every_protocol_with_binbytes_read(tmp_path, protocol):
-  """Catches a decoder that knows only the opcodes of one protocol (GLOBAL/BINPUT in 3)."""
+  """Catches a decoder that knows only the opcodes of one protocol (GLOBAL/BINPUT in 3).
+
+  The quantized weight is written by ReleasePickler, as the release wrote it.
+  """
   weight = np.arange(48, dtype=np.int8).reshape(8, 6)
   scales = np.linspace(1, 2, 12).astype(ml_dtypes.bfloat16).reshape(2, 6)
   path = tmp_path / "tensor00005_000"
-  for leaf, entry in ((np.arange(4, dtype=np.float32), NORM),):
-    path.write_bytes(pickle.dumps(leaf, protocol=protocol))
-    assert np.array_equal(tensor_file.read_tensor_file(path, entry), leaf)
+  floats = np.arange(4, dtype=np.float32)
+  path.write_bytes(pickle.dumps(floats, protocol=protocol))
+  assert np.array_equal(tensor_file.read_tensor_file(path, NORM), floats)
   buffer = io.BytesIO()
   release_pickle.ReleasePickler(buffer).dump(quant.QuantizedWeight(weight, scales))
   path.write_bytes(buffer.getvalue())
@@ -240,7 +244,6 @@ def test_the_opcode_count_is_capped(tmp_path):
 
 def test_a_stop_event_cancels_a_read(tmp_path):
   """Catches a reader that ignores the loader's stop event (Ctrl-C would wait for it)."""
-  import threading  # pylint: disable=import-outside-toplevel
   stop = threading.Event()
   stop.set()
   path = tmp_path / "tensor00001_000"
