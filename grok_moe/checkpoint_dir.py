@@ -145,10 +145,14 @@ def leftovers(root: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _remove(path: pathlib.Path) -> None:
-  if path.is_symlink() or not path.is_dir():
-    path.unlink(missing_ok=True)
-  else:
-    shutil.rmtree(path, ignore_errors=True)
+  """Remove a leftover file, link or directory; errors (a read-only directory) are ignored."""
+  try:
+    if path.is_symlink() or not path.is_dir():
+      path.unlink(missing_ok=True)
+    else:
+      shutil.rmtree(path, ignore_errors=True)
+  except OSError:
+    pass
 
 
 def remove_leftovers(root) -> None:
