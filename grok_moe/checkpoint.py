@@ -1,27 +1,33 @@
 """Reading and writing checkpoints in the format of the Grok-1 release.
 
 A checkpoint directory D holds `D/ckpt-0/tensor{i:05d}_000`, one pickled tensor
-per file in the order of `manifest.checkpoint_manifest`, and, for any config
-other than Grok-1, `D/config.json`. Float-only tensors (embeddings, norm
-scales, router) are float32 numpy arrays; every other weight is a
-`__main__.QuantizedWeight8bit` record of an int8 `weight` and bfloat16
-`scales` in the layout `param_table.row_blocks_for` gives it.
+per file in the order of `manifest.checkpoint_manifest`, and the model's
+config.json (none in the Grok-1 release). grok_moe saves make ckpt-0 a symlink
+to a version directory that holds config.json too (see `checkpoint_dir`).
+Float-only tensors (embeddings, norm scales, router) are float32 numpy arrays;
+every other weight is a `__main__.QuantizedWeight8bit` record of an int8
+`weight` and bfloat16 `scales` in the layout the parameter table gives it.
 
 Loading (`load_checkpoint`):
   1. Find ckpt-0 and the config (argument, config.json, or Grok-1 for 770 files).
   2. Check that the tensor files are exactly the ones the config needs.
-  3. Read files on a few threads, at most `max_workers` ahead of the caller;
-     each file is unpickled by `release_pickle.SafeUnpickler`, which builds numpy arrays and
-     QuantizedWeight8bit records and refuses every other global, so no code
-     from a file ever runs.
-  4. Check each tensor's kind, dtype and shape against the config, hand it to
-     `place` (one device by default, a mesh for a sharding `place`) in file
-     order, and drop the host copy. Host memory holds at most
-     max_workers + 1 tensors at a time.
+  3. Read files on a few threads, at most `max_workers` ahead of the caller,
+     with `tensor_file.read_tensor_file`: a pickle decoder of its own records
+     the file as plain data, checks kind, dtype, shape, byte count and finite
+     values against the config, and only then builds numpy arrays, so no
+     code from a file runs and no file state reaches numpy's constructors.
+  4. Write each layer's tensor, in file order, into its slot of the stacked
+     array [L, ...] it belongs to (`grok_moe.params`), allocated already in
+     its final layout on the device(s), and drop the host copy. Host memory
+     holds at most max_workers + 1 tensors at a time; device memory the final
+     arrays plus one layer's tensor. Ctrl-C stops the readers within one
+     16 MiB chunk.
 
-Saving (`save_checkpoint`) quantizes float weights the way the release did,
-writes every file into a hidden staging directory beside ckpt-0, fsyncs it and
-renames it into place, so a crash never leaves a half-written ckpt-0.
+Saving (`save_checkpoint`) slices stacked params back into the release's
+per-layer tensors, quantizes float weights the way the release did and
+writes a new version directory that one atomic swap makes current; see
+`checkpoint_dir` for the layout and why every instant holds the old or the new
+checkpoint, config.json included.
 """
 
 from __future__ import annotations
@@ -30,14 +36,11 @@ import collections
 import concurrent.futures
 import functools
 import itertools
-import math
 import os
 import pathlib
 import re
-import shutil
 import sys
-import tempfile
-import uuid
+import threading
 from typing import Any, Callable
 
 import jax
@@ -46,16 +49,16 @@ import ml_dtypes
 import numpy as np
 import tqdm
 
+from grok_moe import checkpoint_dir, config_file, manifest
 from grok_moe import params as param_table
-from grok_moe import manifest
 from grok_moe import quant, release_pickle
 from grok_moe import sharding as sharding_module
+from grok_moe.checkpoint_dir import CONFIG_FILE, TENSOR_DIR
 from grok_moe.config import GROK_1, ModelConfig
 from grok_moe.errors import CheckpointError, ConfigError
 from grok_moe.sharding import ShardingPlan
+from grok_moe.tensor_file import read_tensor_file
 
-TENSOR_DIR = "ckpt-0"
-CONFIG_FILE = "config.json"
 _TENSOR_FILE_PATTERN = re.compile(r"tensor\d{5}_\d{3}")
 
 Place = Callable[[str, Any], Any]
@@ -74,25 +77,6 @@ def _write_tensor_file(path: pathlib.Path, leaf) -> None:
     os.fsync(file.fileno())
 
 
-# --- Checking one tensor against the config. ---
-
-def _describe(value) -> str:
-  if isinstance(value, np.ndarray):
-    return f"{value.dtype} array of shape {tuple(value.shape)}"
-  if isinstance(value, release_pickle.QuantizedWeight8bitRecord):
-    return (f"QuantizedWeight8bit(weight: {_describe(value.weight)}, "
-            f"scales: {_describe(value.scales)})")
-  return f"{type(value).__module__}.{type(value).__qualname__}"
-
-
-def _expected_form(name: str, shape: tuple[int, ...]) -> str:
-  if param_table.row_blocks_for(name) is None:
-    return f"float32 array of shape {shape}"
-  *batch, rows, cols = shape
-  return (f"QuantizedWeight8bit(weight: int8 array of shape {shape}, scales: bfloat16 "
-          f"array of shape {(*batch, 'R', cols)} with R dividing {rows})")
-
-
 def _is_quantized_weight_of_shape(weight, scales, shape: tuple[int, ...]) -> bool:
   """Whether weight is int8 [..., K, N] = shape and scales bfloat16 [..., R, N], R dividing K."""
   *batch, rows, cols = shape
@@ -103,103 +87,36 @@ def _is_quantized_weight_of_shape(weight, scales, shape: tuple[int, ...]) -> boo
           and scales.shape[-2] >= 1 and rows % scales.shape[-2] == 0)
 
 
-def _check_tensor(value, name: str, shape: tuple[int, ...], file_path: pathlib.Path):
-  """`value` as a library leaf if it is the tensor `name` of `shape`, else CheckpointError.
-
-  Float-only parameters must be float32 arrays; all others a QuantizedWeight8bit
-  with an int8 weight of `shape` and bfloat16 scales [..., R, N] with R
-  dividing K (the release uses R = 1 and R = 8). Nothing is converted, so a
-  model is never silently changed.
-  """
-  if param_table.row_blocks_for(name) is None:
-    if isinstance(value, np.ndarray) and value.dtype == np.float32 and value.shape == shape:
-      return value
-  elif isinstance(value, release_pickle.QuantizedWeight8bitRecord):
-    if _is_quantized_weight_of_shape(value.weight, value.scales, shape):
-      return quant.QuantizedWeight(weight=value.weight, scales=value.scales)
-  raise CheckpointError(
-      f"{file_path} holds {name} as {_describe(value)}; expected "
-      f"{_expected_form(name, shape)}. If the file is intact, the checkpoint was made "
-      "for another model: pass the config it was made with.")
-
-
-def _minimum_file_size(name: str, shape: tuple[int, ...]) -> int:
-  """Bytes of tensor data a file holding `name` must at least contain."""
-  if param_table.row_blocks_for(name) is None:
-    return math.prod(shape) * 4
-  *batch, _, cols = shape
-  return math.prod(shape) + math.prod(batch) * cols * 2  # int8 weight + >= 1 row of bf16 scales
-
-
-def _read_tensor_file(file_path: pathlib.Path, entry: manifest.TensorEntry):
-  """Unpickle one tensor file safely and check it; returns numpy-backed leaf."""
-  try:
-    size = file_path.stat().st_size
-  except FileNotFoundError:
-    raise CheckpointError(
-        f"tensor file {file_path} ({entry.name}) is missing; re-download "
-        f"{file_path.name}.") from None
-  needed = _minimum_file_size(entry.name, entry.shape)
-  if size < needed:
-    raise CheckpointError(
-        f"{file_path} ({entry.name}) has {size} bytes, but a tensor of shape "
-        f"{entry.shape} needs at least {needed}: the file is truncated or does not "
-        f"belong to this config. Re-download {file_path.name}, or pass the config "
-        "the checkpoint was made with.")
-  with open(file_path, "rb") as file:
-    try:
-      value = release_pickle.SafeUnpickler(release_pickle.BoundedReader(file, size), file_path).load()
-    except CheckpointError:
-      raise
-    except Exception as error:  # a corrupt pickle can fail in many ways
-      raise CheckpointError(
-          f"{file_path} ({entry.name}) is truncated or corrupt "
-          f"({type(error).__name__}: {error}); re-download {file_path.name}.") from None
-    trailing = size - file.tell()
-  if trailing:
-    raise CheckpointError(
-        f"{file_path} ({entry.name}) has {trailing} unexpected bytes after its "
-        f"tensor: the file is corrupt; re-download {file_path.name}.")
-  return _check_tensor(value, entry.name, entry.shape, file_path)
-
-
 # --- Where a checkpoint lives, and its config. ---
 
-def _checkpoint_dirs(path) -> tuple[pathlib.Path, pathlib.Path]:
-  """(root, tensor_dir) for a path to D or D/ckpt-0: config.json lives in root."""
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise CheckpointError(
-        f"checkpoint directory {path} does not exist. Download the release's "
-        "ckpt-0/ into checkpoints/, or pass the directory that holds ckpt-0/.")
-  if (path / TENSOR_DIR).is_dir():
-    return path, path / TENSOR_DIR
-  if path.name == TENSOR_DIR:
-    return path.parent, path
-  raise CheckpointError(
-      f"{path} has no {TENSOR_DIR}/ directory. Pass the directory that holds "
-      f"{TENSOR_DIR}/ (or {TENSOR_DIR}/ itself).")
-
-
 def _tensor_files(tensor_dir: pathlib.Path) -> list[str]:
-  return sorted(entry.name for entry in os.scandir(tensor_dir)
-                if _TENSOR_FILE_PATTERN.fullmatch(entry.name))
+  try:
+    return sorted(entry.name for entry in os.scandir(tensor_dir)
+                  if _TENSOR_FILE_PATTERN.fullmatch(entry.name))
+  except OSError as error:
+    raise CheckpointError(f"cannot list {tensor_dir}: {error.strerror or error}; check "
+                          "its permissions.") from None
 
 
 def checkpoint_config(path, config: ModelConfig | None = None) -> ModelConfig:
   """The config of the checkpoint at `path` (D or D/ckpt-0).
 
-  config.json beside ckpt-0 wins when present (a `config` argument must then
-  equal it); without one, `config` is needed, except that a directory of 770
-  tensors is the Grok-1 release.
+  config.json (inside ckpt-0, else beside it) wins when present (a `config`
+  argument must then equal it); without one, `config` is needed, except that
+  a directory of 770 tensors is the Grok-1 release.
   """
-  root, tensor_dir = _checkpoint_dirs(path)
-  config_path = root / CONFIG_FILE
-  if config_path.is_file():
+  return _config_at(*checkpoint_dir.locate(path), config)
+
+
+def _config_at(root: pathlib.Path, tensor_dir: pathlib.Path,
+               config: ModelConfig | None) -> ModelConfig:
+  """`checkpoint_config` for a located (root, tensor directory): see there."""
+  config_path = checkpoint_dir.config_path(root, tensor_dir)
+  if config_path is not None:
     try:
-      saved = ModelConfig.from_json(config_path.read_text())
+      saved = config_file.read_config_file(config_path)
     except ConfigError as error:
-      raise CheckpointError(f"{config_path}: {error}. Fix or delete it and pass the "
+      raise CheckpointError(f"{error}. Fix or delete it and pass the "
                             "config the checkpoint was made with.") from None
     if config is not None and config != saved:
       differing = [field for field, value in config.to_dict().items()
@@ -215,7 +132,7 @@ def checkpoint_config(path, config: ModelConfig | None = None) -> ModelConfig:
   if count == grok_1_count:
     return GROK_1
   raise CheckpointError(
-      f"{tensor_dir} holds {count} tensor files and there is no {config_path}, so "
+      f"{tensor_dir} holds {count} tensor files and there is no {root / CONFIG_FILE}, so "
       f"the model is unknown (the Grok-1 release has {grok_1_count}). Pass the "
       "config the checkpoint was made with.")
 
@@ -253,9 +170,10 @@ def place_on_default_device(name: str, leaf):
   return jax.block_until_ready(jax.device_put(leaf))
 
 
-def read_release_tensors(path, config: ModelConfig, *, max_workers: int = 4,
+def read_release_tensors(tensor_dir: pathlib.Path, config: ModelConfig, *, max_workers: int = 4,
                          progress: bool = True):
-  """Yields (manifest entry, host leaf) for every tensor of the checkpoint, in file order.
+  """Yields (manifest entry, host leaf) for every tensor in `tensor_dir` (a located
+  ckpt-0), in file order.
 
   Up to `max_workers` threads read and check files ahead of the consumer, so
   at most max_workers + 1 tensors are in host memory at once if the consumer
@@ -264,18 +182,17 @@ def read_release_tensors(path, config: ModelConfig, *, max_workers: int = 4,
   """
   if max_workers < 1:
     raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-  _, tensor_dir = _checkpoint_dirs(path)
   entries = manifest.checkpoint_manifest(config)
   _check_tensor_files(tensor_dir, config, entries)
   file_paths = [tensor_dir / tensor_file_name(entry.file_index) for entry in entries]
-  sizes = [file_path.stat().st_size for file_path in file_paths]
+  sizes = checkpoint_dir.file_sizes(file_paths, [entry.name for entry in entries])
 
   bar = tqdm.tqdm(total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024,
                   desc=f"loading {tensor_dir}", file=sys.stderr, disable=not progress)
   executor = concurrent.futures.ThreadPoolExecutor(max_workers, "read-tensor")
-  finished = False
+  stop = threading.Event()  # set on the way out: a reader still running stops within a chunk
   try:
-    reads = (executor.submit(_read_tensor_file, file_path, entry)  # submitted lazily
+    reads = (executor.submit(read_tensor_file, file_path, entry, stop)  # submitted lazily
              for entry, file_path in zip(entries, file_paths))
     pending = collections.deque(itertools.islice(reads, max_workers))  # in file order
     for done, (entry, size) in enumerate(zip(entries, sizes), start=1):
@@ -285,10 +202,9 @@ def read_release_tensors(path, config: ModelConfig, *, max_workers: int = 4,
       del host_leaf
       bar.set_postfix_str(f"{done}/{len(entries)} tensors", refresh=False)
       bar.update(size)
-    finished = True
   finally:
-    # On an error or Ctrl-C, do not wait for a worker stuck in a read.
-    executor.shutdown(wait=finished, cancel_futures=True)
+    stop.set()
+    executor.shutdown(wait=False, cancel_futures=True)  # Ctrl-C is not held up by a reader
     bar.close()
 
 
@@ -387,14 +303,15 @@ def load_checkpoint(path, config: ModelConfig | None = None, *,
   calling thread, in file order, with each release tensor (numpy leaves) as
   soon as it is read, and the release-named tree of what it returns comes back.
   """
-  config = checkpoint_config(path, config)
+  root, tensor_dir = checkpoint_dir.locate(path)  # once: config and tensors of one version
+  config = _config_at(root, tensor_dir, config)
+  checkpoint_dir.remove_leftovers(root)
   if sharding is not None:
     sharding.check_config(config)
-  tensors = read_release_tensors(path, config, max_workers=max_workers, progress=progress)
+  tensors = read_release_tensors(tensor_dir, config, max_workers=max_workers, progress=progress)
   if place is not None:
     return manifest.unflatten({entry.name: place(entry.name, leaf) for entry, leaf in tensors})
   target = _StackedTarget(config, sharding)
-  _, tensor_dir = _checkpoint_dirs(path)
   for entry, leaf in tensors:
     target.add(tensor_dir / tensor_file_name(entry.file_index), entry.name, leaf)
     del leaf
@@ -453,62 +370,14 @@ def _params_for_config(params, config: ModelConfig) -> dict[str, Any]:
   """{release name: leaf} of `params` (stacked or release-named), or CheckpointError if
   they do not fit `config`."""
   try:
-    stacked = param_table.as_stacked(params, config)
-    param_table.check_stacked(stacked, config)
+    if param_table.is_release_form(params):
+      flat = param_table.flatten(params)
+      param_table.check_release(flat, config)
+      return flat
+    param_table.check_stacked(params, config)
   except ConfigError as error:
     raise CheckpointError(f"{error}") from None
-  return dict(param_table.release_tensors(stacked, config))
-
-
-def _make_readable_by_all(directory: pathlib.Path) -> None:
-  """Give a directory the permissions a plain mkdir would (0777 less the umask)."""
-  umask = os.umask(0)
-  os.umask(umask)
-  directory.chmod(0o777 & ~umask)
-
-
-def _fsync_directory(path: pathlib.Path) -> None:
-  descriptor = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(descriptor)
-  finally:
-    os.close(descriptor)
-
-
-def _stage_config_file(root: pathlib.Path, config: ModelConfig) -> pathlib.Path | None:
-  """config.json's new content in a hidden file of root, fsynced; None for Grok-1."""
-  if config == GROK_1:
-    return None
-  staged = root / f".{CONFIG_FILE}.partial-{uuid.uuid4().hex}"
-  with open(staged, "w") as file:
-    file.write(config.to_json())
-    file.flush()
-    os.fsync(file.fileno())
-  return staged
-
-
-def _commit(staged_tensors: pathlib.Path, staged_config: pathlib.Path | None,
-            root: pathlib.Path) -> None:
-  """Swap the staged ckpt-0 and config.json into root; no intermediate state loads.
-
-  Only renames: the old ckpt-0 is first renamed aside, so from then on nothing
-  loads; config.json is replaced (or removed, for Grok-1); the new, complete
-  ckpt-0 is renamed in last. A crash in between leaves no ckpt-0 and the old
-  one in root/.ckpt-0.old-*; a crash before leaves the old checkpoint as it was.
-  """
-  tensor_dir = root / TENSOR_DIR
-  retired = None
-  if tensor_dir.exists():
-    retired = root / f".{TENSOR_DIR}.old-{uuid.uuid4().hex}"
-    os.rename(tensor_dir, retired)
-  if staged_config is None:
-    (root / CONFIG_FILE).unlink(missing_ok=True)
-  else:
-    os.replace(staged_config, root / CONFIG_FILE)
-  os.rename(staged_tensors, tensor_dir)
-  _fsync_directory(root)
-  if retired is not None:
-    shutil.rmtree(retired)
+  return dict(param_table.release_tensors(params, config))
 
 
 def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = False,
@@ -517,9 +386,11 @@ def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = Fals
 
   `path` is the checkpoint directory D (or D/ckpt-0); files beside ckpt-0,
   such as tokenizer.model, are left alone. Leaves may be float or
-  QuantizedWeight, numpy or jax: see `_release_leaf`. Every tensor is written
-  and fsynced into a hidden staging directory in D, then `_commit` renames it
-  into place. An existing checkpoint is refused unless `overwrite`. Returns D.
+  QuantizedWeight, numpy or jax: see `_release_leaf`; stacked (as the model
+  holds them) or named per layer as the release. Every tensor is written
+  and fsynced into a new hidden version directory in D, which
+  `checkpoint_dir.staged_save` then makes current in one atomic swap. An
+  existing checkpoint is refused unless `overwrite`. Returns D.
   """
   flat = _params_for_config(params, config)
   root = pathlib.Path(path)
@@ -528,23 +399,10 @@ def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = Fals
   if ((root / TENSOR_DIR).exists() or (root / CONFIG_FILE).exists()) and not overwrite:
     raise CheckpointError(f"{root} already holds a checkpoint; pass overwrite=True "
                           "to replace it, or choose another directory.")
-  root.mkdir(parents=True, exist_ok=True)
-  staged_tensors = pathlib.Path(
-      tempfile.mkdtemp(prefix=f".{TENSOR_DIR}.partial-", dir=root))
-  _make_readable_by_all(staged_tensors)  # mkdtemp makes it private (0700)
-  staged_config = None
-  try:
+  with checkpoint_dir.staged_save(root, config.to_json()) as staged_tensors:
     entries = manifest.checkpoint_manifest(config)
     for entry in tqdm.tqdm(entries, desc=f"saving {root / TENSOR_DIR}", unit="tensor",
                            file=sys.stderr, disable=not progress):
       leaf = _release_leaf(entry.name, flat[entry.name])
       _write_tensor_file(staged_tensors / tensor_file_name(entry.file_index), leaf)
-    _fsync_directory(staged_tensors)
-    staged_config = _stage_config_file(root, config)
-    _commit(staged_tensors, staged_config, root)
-  except BaseException:
-    shutil.rmtree(staged_tensors, ignore_errors=True)
-    if staged_config is not None:
-      staged_config.unlink(missing_ok=True)
-    raise
   return root

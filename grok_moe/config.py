@@ -47,15 +47,19 @@ class ModelConfig:
   rope_base: float = 10_000.0
 
   def __post_init__(self):
-    positive = ("vocab_size", "emb_size", "key_size", "num_q_heads",
-                "num_kv_heads", "num_layers", "num_experts",
-                "num_selected_experts", "sequence_len")
-    for name in positive:
+    for name, (low, high) in _INTEGER_RANGES.items():
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if self.widening_factor <= 0:
-      raise ConfigError(f"widening_factor must be > 0, got {self.widening_factor}")
+      if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}] (sizes a real model has), "
+                          f"got {value}")
+    for name, (high, what) in _FLOAT_RANGES.items():
+      value = getattr(self, name)
+      if (not isinstance(value, (int, float)) or isinstance(value, bool)
+          or not math.isfinite(value) or not 0 < value <= high):
+        raise ConfigError(f"{name} must be a finite number in (0, {high}] ({what}), "
+                          f"got {value!r}")
     if self.num_q_heads % self.num_kv_heads:
       raise ConfigError(
           f"num_q_heads ({self.num_q_heads}) must be a multiple of "
@@ -68,9 +72,14 @@ class ModelConfig:
       raise ConfigError(f"key_size must be even for RoPE, got {self.key_size}")
     for name in ("pad_token", "bos_token", "eos_token"):
       token = getattr(self, name)
+      if not isinstance(token, int) or isinstance(token, bool):
+        raise ConfigError(f"{name} must be an integer token id, got {token!r}")
       if not 0 <= token < self.vocab_size:
         raise ConfigError(f"{name} {token} is outside the vocabulary "
                           f"[0, {self.vocab_size})")
+    if self.ffn_size < 1:
+      raise ConfigError(f"widening_factor {self.widening_factor} with emb_size "
+                        f"{self.emb_size} gives an expert hidden size of 0")
 
   @property
   def ffn_size(self) -> int:
@@ -112,13 +121,93 @@ class ModelConfig:
 
   @classmethod
   def from_json(cls, text: str) -> "ModelConfig":
+    """The config in a JSON object of field: value, every field checked (see __post_init__).
+
+    Refused with a ConfigError naming the problem: text over MAX_JSON_CHARS,
+    nested objects or arrays, duplicate fields, integers of more than 20
+    digits; NaN and Infinity parse, then fail the finite-number checks.
+    """
+    if len(text) > MAX_JSON_CHARS:
+      raise ConfigError(f"config JSON of {len(text)} characters; a config is a few hundred "
+                        f"(at most {MAX_JSON_CHARS})")
+    if _json_nesting(text) > 1:
+      raise ConfigError("config JSON nests objects or arrays; every field is a number")
     try:
-      values = json.loads(text)
-    except json.JSONDecodeError as error:
+      values = json.loads(text, parse_int=_parse_json_int,
+                          object_pairs_hook=_object_without_duplicates)
+    except ConfigError:
+      raise
+    except (ValueError, RecursionError) as error:
       raise ConfigError(f"config is not valid JSON: {error}") from None
     if not isinstance(values, dict):
       raise ConfigError("config JSON must be an object of field: value")
     return cls.from_dict(values)
+
+
+# Ranges of the size fields: generous bounds on the models that exist (Grok-1
+# has V 131072, D 6144, 64 layers, 8 experts), so that a corrupt or hostile
+# config is refused before anything is allocated from it.
+_INTEGER_RANGES = {
+    "vocab_size": (1, 2**22),
+    "emb_size": (1, 2**16),
+    "key_size": (1, 2**12),
+    "num_q_heads": (1, 2**10),
+    "num_kv_heads": (1, 2**10),
+    "num_layers": (1, 2**10),
+    "num_experts": (1, 2**12),
+    "num_selected_experts": (1, 2**12),
+    "sequence_len": (1, 2**22),
+}
+# Float fields: (largest allowed value, what it is); each must be finite and > 0.
+_FLOAT_RANGES = {
+    "widening_factor": (64.0, "expert hidden size over emb_size"),
+    "attn_output_multiplier": (1e6, "attention logit scale"),
+    "embedding_multiplier_scale": (1e6, "embedding scale"),
+    "output_multiplier_scale": (1e6, "logit scale"),
+    "attn_logit_cap": (1e6, "attention logit soft cap"),
+    "rms_norm_eps": (1.0, "RMSNorm epsilon"),
+    "rope_base": (1e12, "RoPE wavelength base"),
+}
+MAX_JSON_CHARS = 64 * 1024
+_MAX_JSON_INT_DIGITS = 20
+
+
+def _parse_json_int(digits: str) -> int:
+  if len(digits.lstrip("-")) > _MAX_JSON_INT_DIGITS:
+    raise ConfigError(f"config JSON has an integer of {len(digits)} digits "
+                      f"(the largest field needs < {_MAX_JSON_INT_DIGITS})")
+  return int(digits)
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  values = {}
+  for key, value in pairs:
+    if key in values:
+      raise ConfigError(f"config JSON sets {key} twice")
+    values[key] = value
+  return values
+
+
+def _json_nesting(text: str) -> int:
+  """How deep objects and arrays nest in JSON `text` (strings skipped); no recursion."""
+  depth = deepest = 0
+  in_string = escaped = False
+  for char in text:
+    if in_string:
+      if escaped:
+        escaped = False
+      elif char == "\\":
+        escaped = True
+      elif char == '"':
+        in_string = False
+    elif char == '"':
+      in_string = True
+    elif char in "[{":
+      depth += 1
+      deepest = max(deepest, depth)
+    elif char in "]}":
+      depth -= 1
+  return deepest
 
 
 def _preset(emb_size: int, key_size: int, **fields: Any) -> ModelConfig:

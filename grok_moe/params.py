@@ -224,13 +224,8 @@ def _stack(leaves):
   return jnp.stack([jnp.asarray(leaf) for leaf in leaves])
 
 
-def stack_release(params, config: ModelConfig) -> dict[str, dict[str, Any]]:
-  """Release-named params (a Haiku tree or flat dict) -> the stacked in-memory tree.
-
-  Copies every per-layer tensor into its stack; use it once, not per call.
-  Raises ConfigError if a tensor is missing or has the wrong shape.
-  """
-  flat = flatten(params)
+def check_release(flat: dict[str, Any], config: ModelConfig) -> None:
+  """ConfigError unless release-named `flat` holds exactly the config's tensors and shapes."""
   expected = release_shapes(config)
   missing = sorted(set(expected) - set(flat))
   extra = sorted(set(flat) - set(expected))
@@ -243,6 +238,16 @@ def stack_release(params, config: ModelConfig) -> dict[str, dict[str, Any]]:
     if tuple(flat[name].shape) != shape:
       raise ConfigError(f"{name} has shape {tuple(flat[name].shape)}, the config needs "
                         f"{shape}. Pass the config the params were made for.")
+
+
+def stack_release(params, config: ModelConfig) -> dict[str, dict[str, Any]]:
+  """Release-named params (a Haiku tree or flat dict) -> the stacked in-memory tree.
+
+  Copies every per-layer tensor into its stack; use it once, not per call.
+  Raises ConfigError if a tensor is missing or has the wrong shape.
+  """
+  flat = flatten(params)
+  check_release(flat, config)
   stacked = {}
   for spec in PARAMS:
     if spec.per_layer:
@@ -278,6 +283,25 @@ def check_stacked(params, config: ModelConfig) -> None:
 def layer_slice(leaf, layer: int):
   """One layer's tensor of a stacked leaf (QuantizedWeight slices both parts)."""
   return jax.tree.map(lambda part: part[layer], leaf)
+
+
+def release_form(params) -> dict[str, Any]:
+  """{release name: leaf} of params in either form, slicing stacked leaves by their
+  leading [L] axis (no config needed: L is the stacks' own length)."""
+  flat = flatten(params)
+  if is_release_form(flat):
+    return flat
+  out = {}
+  for path, leaf in flat.items():
+    spec = BY_PATH.get(path)
+    if spec is None:
+      raise ConfigError(f"{path} is not a parameter of the model")
+    if spec.per_layer:
+      for layer in range(jax.tree.leaves(leaf)[0].shape[0]):
+        out[spec.release_name(layer)] = layer_slice(leaf, layer)
+    else:
+      out[path] = leaf
+  return out
 
 
 def release_tensors(params, config: ModelConfig) -> Iterator[tuple[str, Any]]:

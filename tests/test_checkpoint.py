@@ -1,9 +1,12 @@
 """Tests of grok_moe.checkpoint: the release format, safety, errors and atomic saves."""
 
 import dataclasses
+import itertools
 import os
 import pathlib
 import pickle
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +17,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from grok_moe import params as param_table
 from grok_moe import checkpoint
+from grok_moe import checkpoint_dir
 from grok_moe import manifest
 from grok_moe import quant
 from grok_moe.checkpoint import load_checkpoint, quantize_params, save_checkpoint
@@ -38,8 +43,9 @@ def random_release_params(config, seed=0):
 
 
 def assert_params_equal(actual, expected):
-  """Same names, same kind of leaf, same dtypes and shapes, bitwise equal."""
-  actual, expected = manifest.flatten(actual), manifest.flatten(expected)
+  """Same release tensors (stacked params sliced by layer), same kind of leaf, same
+  dtypes and shapes, bitwise equal."""
+  actual, expected = param_table.release_form(actual), param_table.release_form(expected)
   assert sorted(actual) == sorted(expected)
   for name, want in expected.items():
     got = actual[name]
@@ -54,6 +60,22 @@ def assert_params_equal(actual, expected):
 def tensor_path(root, name, config=CONFIG):
   index = [entry.name for entry in manifest.checkpoint_manifest(config)].index(name)
   return root / "ckpt-0" / checkpoint.tensor_file_name(index)
+
+
+def to_release_layout(root):
+  """Turn a saved checkpoint into the release layout: a plain ckpt-0/ of tensors, no config.json."""
+  version = (root / "ckpt-0").resolve()
+  (root / "ckpt-0").unlink()
+  (root / "config.json").unlink()
+  (version / "config.json").unlink()
+  version.rename(root / "ckpt-0")
+
+
+def visible_and_hidden(root):
+  """(sorted names not starting with '.', sorted names that do) in `root`."""
+  names = sorted(path.name for path in root.iterdir())
+  return ([name for name in names if not name.startswith(".")],
+          [name for name in names if name.startswith(".")])
 
 
 @pytest.fixture(autouse=True)
@@ -97,11 +119,14 @@ def release_record_class(monkeypatch):
 
 @pytest.mark.parametrize("max_workers", [1, 3])
 def test_save_then_load_is_exact(saved, max_workers):
+  """Saving then loading gives back every tensor bit for bit, loaded stacked [L, ...] on
+  the device with int8 weights kept int8."""
   root, params = saved
   loaded = load(root, max_workers=max_workers)
   assert_params_equal(loaded, params)
-  leaf = loaded["transformer/decoder_layer_0/moe/linear_1"]["w"]
+  leaf = param_table.flatten(loaded)[param_table.EXPERT_OUT.path]
   assert isinstance(leaf.weight, jax.Array) and leaf.weight.dtype == np.int8
+  assert leaf.weight.shape[0] == CONFIG.num_layers
   assert leaf.scales.dtype == ml_dtypes.bfloat16 and leaf.scales.shape[-2] == 8
 
 
@@ -116,7 +141,7 @@ def test_float_params_are_saved_quantized_in_the_release_layout(tmp_path):
   loaded = load(tmp_path)
   assert_params_equal(loaded, quantize_params(params))
   for name, leaf in manifest.flatten(loaded).items():
-    row_blocks = quant.row_blocks_for(name)
+    row_blocks = param_table.row_blocks_for(name)
     if row_blocks is None:
       assert leaf.dtype == np.float32, name
     else:
@@ -186,7 +211,7 @@ def test_at_most_max_workers_plus_one_tensors_are_in_host_memory(saved, monkeypa
   root, _ = saved
   lock = threading.Lock()
   state = {"in_host": 0, "most": 0}
-  read = checkpoint._read_tensor_file
+  read = checkpoint.read_tensor_file
 
   def counting_read(*args):
     leaf = read(*args)
@@ -201,7 +226,7 @@ def test_at_most_max_workers_plus_one_tensors_are_in_host_memory(saved, monkeypa
       state["in_host"] -= 1
     return leaf
 
-  monkeypatch.setattr(checkpoint, "_read_tensor_file", counting_read)
+  monkeypatch.setattr(checkpoint, "read_tensor_file", counting_read)
   load(root, place=slow_place, max_workers=2)
   assert 1 < state["most"] <= 2 + 1
 
@@ -379,7 +404,7 @@ def test_corrupt_config_json(saved):
 
 def test_no_config_json_needs_a_config(saved):
   root, params = saved
-  (root / "config.json").unlink()
+  to_release_layout(root)
   with pytest.raises(CheckpointError, match=r"holds 146 tensor files.*Pass the config"):
     load(root)
   assert_params_equal(load(root, CONFIG), params)
@@ -387,7 +412,7 @@ def test_no_config_json_needs_a_config(saved):
 
 def test_wrong_config_gives_a_count_error(saved):
   root, _ = saved
-  (root / "config.json").unlink()
+  to_release_layout(root)
   with pytest.raises(CheckpointError, match=r"holds 146 tensor files.*needs 26"):
     load(root, TINY)
 
@@ -431,8 +456,9 @@ def test_save_refuses_an_existing_checkpoint_unless_overwrite(saved):
   save_checkpoint(new_params, root, CONFIG, overwrite=True, progress=False)
   assert_params_equal(load(root), new_params)
   assert (root / "tokenizer.model").read_bytes() == b"tokenizer"
-  assert sorted(path.name for path in root.iterdir()) == [
-      "ckpt-0", "config.json", "tokenizer.model"]
+  visible, hidden = visible_and_hidden(root)
+  assert visible == ["ckpt-0", "config.json", "tokenizer.model"]
+  assert hidden == [os.readlink(root / "ckpt-0")]  # the old version was removed
 
 
 def _fail_after(monkeypatch, files):
@@ -465,21 +491,7 @@ def test_a_failed_overwrite_keeps_the_old_checkpoint(saved, monkeypatch):
     save_checkpoint(random_release_params(CONFIG, seed=5), root, CONFIG,
                     overwrite=True, progress=False)
   assert_params_equal(load(root), params)
-  assert sorted(path.name for path in root.iterdir()) == ["ckpt-0", "config.json"]
-
-
-def test_a_crash_between_the_renames_leaves_nothing_loadable(saved, monkeypatch):
-  root, _ = saved
-
-  def crash(*args):
-    raise OSError("simulated crash")
-
-  monkeypatch.setattr(checkpoint.os, "replace", crash)  # after the old ckpt-0 moved aside
-  with pytest.raises(OSError, match="simulated crash"):
-    save_checkpoint(random_release_params(CONFIG, seed=5), root, CONFIG,
-                    overwrite=True, progress=False)
-  with pytest.raises(CheckpointError, match=r"has no ckpt-0"):
-    load(root)
+  assert visible_and_hidden(root) == (["ckpt-0", "config.json"], [os.readlink(root / "ckpt-0")])
 
 
 _KILLED_SAVE = """
@@ -502,13 +514,16 @@ checkpoint.save_checkpoint(manifest.unflatten(flat), sys.argv[1], config,
 """
 
 
-def test_a_killed_overwrite_keeps_the_old_checkpoint(saved):
+def test_a_killed_overwrite_keeps_the_old_checkpoint_and_the_next_load_cleans_up(saved):
+  """Catches a save that writes into the live ckpt-0, and staging directories nothing removes."""
   root, params = saved
   result = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(root)],
                           cwd=REPO_ROOT, capture_output=True, text=True, check=False)
   assert result.returncode == 9, result.stderr
-  assert any(path.name.startswith(".ckpt-0.partial-") for path in root.iterdir())
+  _, hidden = visible_and_hidden(root)
+  assert len(hidden) == 2  # the current version and the killed save's
   assert_params_equal(load(root), params)
+  assert visible_and_hidden(root)[1] == [os.readlink(root / "ckpt-0")]
 
 
 # --- Quantization. ---
@@ -528,7 +543,7 @@ def test_quantize_params_error_bound_and_layout():
   flat = manifest.flatten(params)
   # Give every row block and column its own magnitude, so a wrong layout fails.
   for name, w in flat.items():
-    if quant.row_blocks_for(name) is not None:
+    if param_table.row_blocks_for(name) is not None:
       *batch, rows, cols = w.shape
       magnitudes = 10.0 ** rng.uniform(-3, 1, (*batch, 8, 1, cols))
       flat[name] = (w.reshape(*batch, 8, rows // 8, cols) * magnitudes  # [..., 8, K/8, N]
@@ -536,7 +551,7 @@ def test_quantize_params_error_bound_and_layout():
   quantized = manifest.flatten(quantize_params(manifest.unflatten(flat)))
   for name, w in flat.items():
     leaf = quantized[name]
-    row_blocks = quant.row_blocks_for(name)
+    row_blocks = param_table.row_blocks_for(name)
     if row_blocks is None:
       assert np.array_equal(np.asarray(leaf), w), name
       continue
@@ -552,3 +567,239 @@ def test_quantize_params_error_bound_and_layout():
     assert np.all(np.abs(scale - absmax / 127) <= 2**-8 * absmax / 127 * (1 + 1e-6)), name
     assert np.all(error <= scale / 2 + absmax * 2**-8 * (1 + 1e-6)), name
     assert error.max() > 0, name  # the bound is not met by accident of exactness
+
+
+# --- Atomic saves: killed at every file-system step. ---
+
+KILL_CONFIG = TINY.replace(num_layers=1)  # 14 tensors: every step of a save stays fast
+NEW_KILL_CONFIG = KILL_CONFIG.replace(rope_base=500.0)  # same shapes, another config.json
+# The forked children below only write files; they never touch JAX's threads.
+_FORK_IS_SAFE_HERE = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+_FILE_SYSTEM_STEPS = [(os, "mkdir"), (os, "replace"), (os, "rename"), (os, "symlink"),
+                      (os, "unlink"), (os, "rmdir"), (os, "fsync"), (shutil, "rmtree"),
+                      (checkpoint, "_write_tensor_file")]
+
+
+def _save_killed_at(step, params, root, config):
+  """Fork a child that saves `params` of `config` over `root`, _exiting before its `step`-th step.
+
+  Steps are the calls in _FILE_SYSTEM_STEPS (every write, fsync, rename and
+  removal). Returns the child's exit code: 9 if it was killed, 0 if the save
+  finished first. os._exit runs no cleanup, as in a power cut.
+  """
+  pid = os.fork()
+  if pid == 0:
+    try:
+      count = [0]
+      for module, name in _FILE_SYSTEM_STEPS:
+        original = getattr(module, name)
+
+        def counted(*args, original=original, **kwargs):
+          count[0] += 1
+          if count[0] == step:
+            os._exit(9)
+          return original(*args, **kwargs)
+        setattr(module, name, counted)
+      save_checkpoint(params, root, config, overwrite=True, progress=False)
+      os._exit(0)
+    except BaseException:  # pylint: disable=broad-except
+      os._exit(1)
+  _, status = os.waitpid(pid, 0)
+  return os.waitstatus_to_exitcode(status)
+
+
+def _loads_as(root):
+  """The flat params at root (numpy leaves), or None if it does not load."""
+  try:
+    return manifest.flatten(load(root, place=lambda name, leaf: leaf))
+  except CheckpointError:
+    return None
+
+
+def _same(flat, params):
+  return flat is not None and all(
+      np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+      for name, leaf in manifest.flatten(params).items()
+      for a, b in zip(jax.tree.leaves(flat[name]), jax.tree.leaves(leaf)))
+
+
+@_FORK_IS_SAFE_HERE
+@pytest.mark.parametrize("before", ["versioned", "plain ckpt-0", "empty"])
+def test_a_save_killed_at_every_step_leaves_the_old_or_the_new_checkpoint(tmp_path, before):
+  """Catches any instant at which the directory holds a mix, a partial ckpt-0 or no ckpt-0.
+
+  The old checkpoint is a grok_moe save (ckpt-0 a symlink), a plain ckpt-0/
+  with config.json beside it (replaced by RENAME_EXCHANGE; the old
+  config.json must not be read with the new tensors), or nothing (then not
+  loading at all is the old state). After each kill the
+  next load must also remove what the killed save left behind.
+  """
+  old = random_release_params(KILL_CONFIG, seed=1)
+  new = random_release_params(NEW_KILL_CONFIG, seed=2)
+  pristine = tmp_path / "pristine"
+  pristine.mkdir()
+  if before != "empty":
+    save_checkpoint(old, pristine, KILL_CONFIG, progress=False)
+    if before == "plain ckpt-0":  # as earlier grok_moe versions saved
+      to_release_layout(pristine)
+      (pristine / "config.json").write_text(KILL_CONFIG.to_json())
+  outcomes = []
+  for step in itertools.count(1):
+    root = tmp_path / f"step{step}"
+    shutil.copytree(pristine, root, symlinks=True)
+    code = _save_killed_at(step, new, root, NEW_KILL_CONFIG)
+    assert code in (0, 9), f"step {step}: the child failed with {code}"
+    flat = _loads_as(root)
+    is_old = _same(flat, old) if before != "empty" else flat is None
+    is_new = _same(flat, new)
+    assert is_old or is_new, f"killed at step {step}: neither the old nor the new checkpoint"
+    if is_new:  # the config came with the tensors
+      assert checkpoint.checkpoint_config(root) == NEW_KILL_CONFIG
+    if flat is not None:
+      assert checkpoint_dir.leftovers(root) == [], f"step {step}: the load left leftovers"
+    outcomes.append("new" if is_new else "old")
+    shutil.rmtree(root)
+    if code == 0:
+      break
+  assert outcomes[0] == "old" and outcomes[-1] == "new"
+  assert outcomes == sorted(outcomes, reverse=True)  # old ... old new ... new: one switch
+  assert step > 30  # every tensor write and fsync was a kill point
+
+
+@_FORK_IS_SAFE_HERE
+def test_a_second_save_into_the_same_directory_is_refused_while_one_runs(saved):
+  """Catches two saves interleaving their versions and cleanups."""
+  root, params = saved
+  with checkpoint_dir._locked(root, blocking=False) as held:  # what a running save holds
+    assert held
+    pid = os.fork()
+    if pid == 0:  # flock is per open file: another process must try
+      try:
+        save_checkpoint(params, root, CONFIG, overwrite=True, progress=False)
+        os._exit(0)
+      except CheckpointError as error:
+        os._exit(3 if "another process is saving" in str(error) else 4)
+      except BaseException:  # pylint: disable=broad-except
+        os._exit(5)
+    _, status = os.waitpid(pid, 0)
+  assert os.waitstatus_to_exitcode(status) == 3
+
+
+def test_save_to_a_path_that_is_a_file_is_a_checkpoint_error(tmp_path):
+  """Catches the raw FileExistsError of issue 13 item 12."""
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(CheckpointError, match=r"cannot make the checkpoint directory"):
+    save_checkpoint(random_release_params(KILL_CONFIG), tmp_path / "file", KILL_CONFIG,
+                    progress=False)
+
+
+def test_a_save_over_the_release_layout_replaces_it_and_its_config_json(saved):
+  """Catches a stale config.json beside new tensors, and the old plain ckpt-0 left behind."""
+  root, _ = saved
+  to_release_layout(root)
+  (root / "config.json").write_text(TINY.to_json())  # an old config.json beside ckpt-0/
+  new = random_release_params(CONFIG, seed=9)
+  save_checkpoint(new, root, CONFIG, overwrite=True, progress=False)
+  assert_params_equal(load(root), new)
+  assert (root / "ckpt-0").is_symlink() and (root / "config.json").is_symlink()
+  assert (root / "config.json").read_text() == CONFIG.to_json()
+  assert visible_and_hidden(root) == (["ckpt-0", "config.json"], [os.readlink(root / "ckpt-0")])
+
+
+# --- File-system faults and non-finite weights: CheckpointErrors naming file and tensor. ---
+
+ROUTER = "transformer/decoder_layer_1/router/w"
+
+
+def _fault(path, fault, tmp_path):
+  path.unlink()
+  if fault == "directory":
+    path.mkdir()
+  elif fault == "dangling symlink":
+    path.symlink_to(tmp_path / "nowhere")
+  elif fault == "symlink loop":
+    path.symlink_to(path.name)
+  elif fault == "fifo":
+    os.mkfifo(path)  # opening it for reading would wait for a writer forever
+  elif fault == "device":
+    path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize("fault", ["directory", "dangling symlink", "symlink loop", "fifo",
+                                   "device"])
+def test_file_system_faults_are_checkpoint_errors(saved, tmp_path, fault):
+  """Catches raw OSErrors (and a hang on a FIFO) from odd files in place of a tensor."""
+  root, _ = saved
+  path = tensor_path(root, ROUTER)
+  _fault(path, fault, tmp_path)
+  with pytest.raises(CheckpointError) as raised:
+    load(root)
+  assert path.name in str(raised.value) and ROUTER in str(raised.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_tensor_file_is_a_checkpoint_error(saved):
+  """Catches a raw PermissionError (runs as a non-root user only: root ignores modes)."""
+  root, _ = saved
+  path = tensor_path(root, ROUTER)
+  path.chmod(0)
+  with pytest.raises(CheckpointError, match=r"permission") as raised:
+    load(root)
+  assert path.name in str(raised.value) and ROUTER in str(raised.value)
+
+
+@pytest.mark.parametrize("name, value", [
+    (ROUTER, np.nan),
+    ("language_model/rms_norm/scale", np.inf),
+    ("transformer/decoder_layer_4/moe/linear_1/w", -np.inf),  # in the bfloat16 scales
+])
+def test_non_finite_weights_fail_to_load_naming_file_and_tensor(saved, name, value):
+  """Catches NaN/inf weights loading silently (issue 13 item 4)."""
+  root, params = saved
+  leaf = manifest.flatten(params)[name]
+  if isinstance(leaf, quant.QuantizedWeight):
+    scales = np.array(leaf.scales)
+    scales.reshape(-1)[5] = value
+    leaf = quant.QuantizedWeight(np.asarray(leaf.weight), scales)
+  else:
+    leaf = np.array(leaf)
+    leaf.reshape(-1)[5] = value
+  path = tensor_path(root, name)
+  write_tensor(path, leaf)
+  with pytest.raises(CheckpointError, match=r"holds -?(nan|inf) at flat index 5") as raised:
+    load(root)
+  assert path.name in str(raised.value) and name in str(raised.value)
+
+
+# --- Ctrl-C. ---
+
+_SLOW_LOAD = """
+import sys, time
+from grok_moe import checkpoint, release_pickle
+release_pickle.READ_CHUNK_BYTES = 64  # many chunks, each slowed below
+read_chunk = release_pickle._Decoder._check_stop
+def slow_check_stop(self):
+  print("reading", flush=True)
+  time.sleep(0.05)
+  read_chunk(self)
+release_pickle._Decoder._check_stop = slow_check_stop
+checkpoint.load_checkpoint(sys.argv[1], progress=False, max_workers=2)
+"""
+
+
+def test_ctrl_c_stops_a_slow_load_within_a_second(saved):
+  """Catches a KeyboardInterrupt that waits for the reader threads to finish their files."""
+  root, _ = saved
+  child = subprocess.Popen([sys.executable, "-c", _SLOW_LOAD, str(root)], cwd=REPO_ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert child.stdout.readline() == "reading\n"  # the readers are in the middle of files
+    time.sleep(0.2)
+    interrupted = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    child.wait(timeout=10)
+    seconds = time.monotonic() - interrupted
+  finally:
+    child.kill()
+  assert "KeyboardInterrupt" in child.stderr.read()
+  assert seconds < 1.0, f"the load took {seconds:.2f} s to stop"
