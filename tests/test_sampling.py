@@ -71,9 +71,10 @@ def test_cached_decoding_matches_full_pass_for_ragged_batch():
   assert cache.lengths.tolist() == positions
 
 
-def run(prompts, **settings):
+def run(prompts, truncate=False, **settings):
   steps = list(sampling.generate(params(), CONFIG, prompts,
-                                 sampling.SamplingConfig(**settings), dtype=jnp.float32))
+                                 sampling.SamplingConfig(**settings), dtype=jnp.float32,
+                                 truncate=truncate))
   return steps, np.stack([step.tokens for step in steps], axis=1)
 
 
@@ -121,10 +122,13 @@ def test_eos_ends_a_row_and_all_rows_end_the_generation():
 
 
 def test_max_new_tokens_and_context_limit():
+  """max_new_tokens bounds the steps; a row whose context fills stops there, and a
+  warning says the context cut generation short."""
   _, tokens = run([[5, 6], [7]], max_new_tokens=3, temperature=0)
   assert tokens.shape == (2, 3)
   long_prompt = list(range(4, 4 + CONFIG.sequence_len - 3))
-  steps, _ = run([long_prompt, [5]], max_new_tokens=10, temperature=0)
+  with pytest.warns(UserWarning, match="leaves room for 3 of the 10 new tokens"):
+    steps, _ = run([long_prompt, [5]], max_new_tokens=10, temperature=0)
   # Positions len(prompt) .. sequence_len - 1 can be fed, and the last fed
   # token still predicts one more: 3 + 1 tokens in all.
   assert sum(int(step.active[0]) for step in steps) == 4
@@ -172,3 +176,79 @@ def test_buckets():
   assert sampling.bucket(1, 8192) == 16
   assert sampling.bucket(17, 8192) == 32
   assert sampling.bucket(5000, 4096) == 4096
+
+
+def test_prompts_longer_than_the_prefill_chunk_give_the_one_pass_logits():
+  """Prompts of 21 and 7 tokens prefilled in chunks of 8 (three passes, the short row's
+  last token in the first chunk): every step's logits are those of one uncached pass
+  over the whole sequence, and the greedy tokens its argmax. Catches chunks written at
+  the wrong positions, a row's last-token logits taken from the wrong chunk, and
+  chunks that do not see the earlier ones through the cache."""
+  assert sampling.prefill_shapes(21, CONFIG, prefill_chunk=8) == (8, 3)
+  assert sampling.prefill_shapes(7, CONFIG, prefill_chunk=8) == (8, 1)
+  assert sampling.prefill_shapes(5, CONFIG, prefill_chunk=64) == (16, 1)  # a power of two
+  rng = np.random.default_rng(4)
+  prompts = [rng.integers(3, CONFIG.vocab_size, size=21).tolist(),
+             rng.integers(3, CONFIG.vocab_size, size=7).tolist()]
+  steps = list(sampling.generate(params(), CONFIG, prompts,
+                                 sampling.SamplingConfig(max_new_tokens=4, temperature=0),
+                                 dtype=jnp.float32, prefill_chunk=8))
+  tokens = np.stack([step.tokens for step in steps], axis=1)
+  for row, prompt in enumerate(prompts):
+    expected = full_logits([prompt + tokens[row].tolist()])[0]
+    for i, step in enumerate(steps):
+      assert relative(step.logits[row], expected[len(prompt) - 1 + i]) < TOLERANCE
+      assert step.tokens[row] == np.argmax(expected[len(prompt) - 1 + i])
+
+
+def test_the_pad_id_is_an_ordinary_token_to_the_sampler():
+  """A prompt holding the pad id (0) as text, and a row padded beside a longer one: the
+  sampler's logits are those of the full pass in which every token is real. Catches
+  padding inferred from token ids (id 0 skipped, or every id below pad_token)."""
+  assert CONFIG.pad_token == 0
+  prompts = [[5, 0, 7, 0, 9], [0, 12]]
+  steps, tokens = run(prompts, max_new_tokens=3, temperature=0)
+  for row, prompt in enumerate(prompts):
+    expected = full_logits([prompt + tokens[row].tolist()])[0]
+    for i, step in enumerate(steps):
+      assert relative(step.logits[row], expected[len(prompt) - 1 + i]) < TOLERANCE
+  high_pad = CONFIG.replace(pad_token=50)  # ids below it are real tokens too
+  steps = list(sampling.generate(params(), high_pad, [[5, 6, 7]],
+                                 sampling.SamplingConfig(max_new_tokens=1, temperature=0),
+                                 dtype=jnp.float32))
+  assert relative(steps[0].logits[0], full_logits([[5, 6, 7]])[0, 2]) < TOLERANCE
+
+
+def test_truncate_keeps_room_for_the_new_tokens():
+  """--truncate keeps the last sequence_len - max_new_tokens tokens, so the asked-for
+  tokens fit (it kept sequence_len - 1, leaving room for one)."""
+  long_prompt = list(range(1, CONFIG.sequence_len + 5))
+  kept = sampling.check_prompts([long_prompt], CONFIG, truncate=True, max_new_tokens=10)
+  assert kept[0] == long_prompt[-(CONFIG.sequence_len - 10):]
+  steps, _ = run([long_prompt], max_new_tokens=10, temperature=0, truncate=True)
+  assert sum(int(step.active[0]) for step in steps) == 10
+
+
+def test_non_finite_logits_stop_generation_with_an_error():
+  """Weights holding NaN give NaN logits: generation raises a GrokMoeError saying so
+  instead of yielding tokens drawn from them."""
+  from grok_moe import params as param_table
+  from grok_moe.errors import GrokMoeError
+  broken = param_table.flatten(param_table.as_stacked(params(), CONFIG))
+  embeddings = np.array(broken[param_table.EMBEDDINGS.path])
+  embeddings[5] = np.nan
+  broken[param_table.EMBEDDINGS.path] = embeddings
+  with pytest.raises(GrokMoeError, match="not finite"):
+    list(sampling.generate(param_table.unflatten(broken), CONFIG, [[5, 6]],
+                           sampling.SamplingConfig(max_new_tokens=2), dtype=jnp.float32))
+
+
+def test_sampling_config_takes_numpy_integers_and_refuses_huge_seeds():
+  """max_new_tokens, top_k and seed given as numpy integers are accepted (as ints); a
+  seed that does not fit 64 bits is an InputError, not an OverflowError later."""
+  config = sampling.SamplingConfig(max_new_tokens=np.int64(3), top_k=np.int32(2),
+                                   seed=np.uint64(5))
+  assert (config.max_new_tokens, config.top_k, config.seed) == (3, 2, 5)
+  assert type(config.max_new_tokens) is int
+  with pytest.raises(InputError, match="seed"):
+    sampling.SamplingConfig(seed=99999999999999999999999)
