@@ -4,10 +4,10 @@ Three computations run under `jax.shard_map` with specs from the plan's
 logical-axis rules; everything between them (embedding lookup, RoPE, norms,
 routing, cache writes, logits) is left to XLA's partitioner under `jit`:
 
-    matmul      a Linear layer's x @ w: column-split w (the output heads) is a
-                local product; row-split w (the attention output) is a local
+    matmul      a row-split Linear layer (the attention output): a local
                 product summed over the model axis, with the row-blocked
-                scales cut to the local rows (`local_scales`);
+                scales cut to the local rows (`local_scales`); column-split
+                ones (query, key, value) are plain products, partitioned by XLA;
     attend      the attention core, each device its query heads and the KV
                 heads they use, reading its part of the cache in place;
     sparse_moe  the expert dispatch: each device runs its slice of every
@@ -83,25 +83,26 @@ def matmul(x: jax.Array, w: quant.Weight, param: ParamSpec, plan: ShardingPlan,
   """x [B, ..., K] @ w[layer], w the stack [L, K, N] laid out by its logical axes; a
   Linear layer's matmul. `layer` is a traced index.
 
-  Column-split w: x whole, the output split on N. Row-split w: x split on
-  K, partial products summed over the model axis. Unsplit w: a plain
-  matmul. The batch is split over data throughout. Each device multiplies
-  with quant.matmul.
+  Column-split or unsplit w: a plain product left to XLA's partitioner, the
+  output laid out by w's columns (each device computes its columns from the
+  whole x). Row-split w (the attention output): under shard_map, x split on
+  K and the partial products summed over the model axis, because the
+  row-blocked scales may need cutting to each device's rows (`local_scales`),
+  which the partitioner cannot do.
   """
-  spec = _stacked_leaf_spec(plan, param, w)
   rows_axis, cols_axis = (plan.mesh_axis(axis) for axis in param.axes)
   lead = (plan.batch_axis(x.shape[0]),) + (None,) * (x.ndim - 2)
+  if rows_axis is None:
+    out = quant.matmul(x, w, index=layer)                                        # [B, ..., N]
+    return jax.lax.with_sharding_constraint(out, plan.sharding(P(*lead, cols_axis)))
+  spec = _stacked_leaf_spec(plan, param, w)
   total_rows = x.shape[-1]
-  if rows_axis is not None:
-    def body(x, w, layer):
-      w = local_scales(w, spec, total_rows)
-      return jax.lax.psum(quant.matmul(x, w, index=layer), rows_axis)            # [B, ..., N]
-    in_x, out = P(*lead, rows_axis), P(*lead, None)
-  else:
-    def body(x, w, layer):
-      return quant.matmul(x, w, index=layer)                                     # [B, ..., N/n]
-    in_x, out = P(*lead, None), P(*lead, cols_axis)
-  return _shard_map(plan, body, (in_x, spec, P()), out)(x, w, layer)
+
+  def body(x, w, layer):
+    w = local_scales(w, spec, total_rows)
+    return jax.lax.psum(quant.matmul(x, w, index=layer), rows_axis)              # [B, ..., N]
+
+  return _shard_map(plan, body, (P(*lead, rows_axis), spec, P()), P(*lead, None))(x, w, layer)
 
 
 def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, layer=None):
