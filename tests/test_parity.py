@@ -1,7 +1,9 @@
 """grok_moe.model.forward against the independent float64 NumPy oracle (tests/oracle.py).
 
 The model is TINY with 11 layers, so that the release's file order (0, 1, 10,
-2, 3, ...) differs from layer order; the batch has rows with trailing pads, a
+2, 3, ...) differs from layer order, and the int8 parameters reach the model
+through save_checkpoint and load_checkpoint, so that a file written or read
+into the wrong layer's slot of the stacked arrays fails the comparison; the batch has rows with trailing pads, a
 pad in the middle and pads at the start; weights are int8 with bfloat16 scales
 in the release's layouts and in the swapped layouts, or float32.
 
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 
 from grok_moe import manifest, model
+from grok_moe.checkpoint import load_checkpoint, save_checkpoint
 from grok_moe.config import TINY
 from tests import helpers, oracle
 
@@ -39,14 +42,21 @@ GATE_TOLERANCE = 1e-5
 MIN_ROUTING_MARGIN = 1e-5
 
 
-def _check_against_oracle(flat_params, seed=0):
-  """Logits and routing of model.forward (float32) against the oracle; returns its trace."""
+def _check_against_oracle(flat_params, seed=0, checkpoint_dir=None):
+  """Logits and routing of model.forward (float32) against the oracle; returns its trace.
+
+  With `checkpoint_dir`, the params are saved there in the release format and the
+  model runs on what load_checkpoint reads back (stacked, in file order)."""
   config = CONFIG
   tokens = helpers.padded_tokens(config, seed)
   trace = {}
   expected, expected_routing = oracle.oracle_logits(
       flat_params, tokens, config, return_routing=True, trace=trace)
-  out = model.forward(manifest.unflatten(flat_params), tokens, config, dtype=jnp.float32,
+  params = manifest.unflatten(flat_params)
+  if checkpoint_dir is not None:
+    save_checkpoint(params, checkpoint_dir, config, progress=False)
+    params = load_checkpoint(checkpoint_dir, progress=False)
+  out = model.forward(params, tokens, config, dtype=jnp.float32,
                       token_valid=model.release_token_valid(tokens, config),
                       return_routing=True)
   logits = np.asarray(out.logits)
@@ -70,8 +80,12 @@ def _check_against_oracle(flat_params, seed=0):
 
 
 @pytest.mark.parametrize("layout", helpers.LAYOUTS)
-def test_logits_and_routing_match_oracle(layout):
-  trace, expected = _check_against_oracle(helpers.random_params(CONFIG, layout, seed=1))
+def test_logits_and_routing_match_oracle(layout, tmp_path):
+  """float32 logits within 1e-4 of the oracle and routing equal, for float weights and
+  int8 weights in both scale layouts (the int8 ones through a saved checkpoint)."""
+  via = None if layout == "float" else tmp_path
+  trace, expected = _check_against_oracle(helpers.random_params(CONFIG, layout, seed=1),
+                                          checkpoint_dir=via)
   # The inputs reach the nonlinear parts: attention logits beyond the cap
   # (30 tanh(s/30) is 24% below s at s = 30), gelu inputs beyond 2, and logits
   # of order 1 and more rather than a near-zero output that would match anything.
