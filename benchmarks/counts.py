@@ -68,7 +68,7 @@ def bytes_per_token(params, config: ModelConfig) -> dict[str, int]:
   embedding row for the input lookup."""
   parts = {part: 0 for part in _PARTS.values()}
   flat = param_table.flatten(params)
-  for spec in param_table.PARAMS:
+  for spec in param_table.params_for(config):
     leaf = flat[spec.path]
     part = _PARTS[spec.group]
     if spec.group == "experts":

@@ -153,11 +153,11 @@ def random_params(config: ModelConfig, seed: int = 0):
   """
   key = jax.random.PRNGKey(seed)
   flat = {}
-  for index, spec in enumerate(param_table.PARAMS):
+  for index, spec in enumerate(param_table.params_for(config)):
     shape = spec.stored_shape(config)
     leaf_key = jax.random.fold_in(key, index)
-    if spec.fan_in_axis is None:  # norm scales
-      flat[spec.path] = jnp.ones(shape, jnp.float32)
+    if spec.fan_in_axis is None:  # norm scales (1) and biases (0)
+      flat[spec.path] = jnp.full(shape, spec.init_value, jnp.float32)
     elif not spec.quantized:  # embeddings and router
       std = 0.5 if spec is param_table.EMBEDDINGS else 1 / math.sqrt(shape[-2])
       flat[spec.path] = std * jax.random.normal(leaf_key, shape, jnp.float32)

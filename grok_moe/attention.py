@@ -31,8 +31,11 @@ ATTENTION_CHUNK = 512
 
 
 def _capped(scores, config: ModelConfig):
-  """Logits scaled by attn_output_multiplier and soft-capped, in float32."""
+  """Logits scaled by attn_output_multiplier and soft-capped (unless the cap is 0), in
+  float32."""
   scores = scores.astype(jnp.float32) * config.attn_output_multiplier
+  if not config.attn_logit_cap:
+    return scores
   return config.attn_logit_cap * jnp.tanh(scores / config.attn_logit_cap)
 
 

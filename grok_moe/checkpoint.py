@@ -316,7 +316,7 @@ def load_checkpoint(path, config: ModelConfig | None = None, *,
     target.add(tensor_dir / tensor_file_name(entry.file_index), entry.name, leaf)
     del leaf
   return param_table.unflatten({spec.path: target.flat[spec.path]
-                                for spec in param_table.PARAMS})
+                                for spec in param_table.params_for(config)})
 
 
 # --- Quantizing and saving. ---

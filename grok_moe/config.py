@@ -42,9 +42,19 @@ class ModelConfig:
   pad_token: int = 0
   bos_token: int = 1
   eos_token: int = 2
-  attn_logit_cap: float = 30.0
+  attn_logit_cap: float = 30.0       # soft cap of the attention logits; 0: none
   rms_norm_eps: float = 1e-5
   rope_base: float = 10_000.0
+  # Switches by which other Grok-style MoE families differ; each default is Grok-1's.
+  expert_ffn_size: int = 0           # expert hidden size; 0: Grok's widening formula
+  expert_activation: str = "gelu"    # "gelu" (tanh form, Grok) or "silu" (Mixtral, Qwen)
+  router_renormalize: bool = False   # gates renormalised over the k chosen experts
+  post_norms: bool = True            # Grok's RMSNorms after attention and MoE; False: none
+  qkv_bias: bool = False             # biases on the query, key and value projections
+  qk_norm: bool = False              # RMSNorm over each head of q and k, before RoPE
+  tie_embeddings: bool = True        # logits from the embedding table; False: an lm_head
+  shared_expert_ffn_size: int = 0    # hidden size of an expert every token uses; 0: none
+  shared_expert_gate: bool = False   # the shared expert's output times sigmoid(x @ w)
 
   def __post_init__(self):
     for name, (low, high) in _INTEGER_RANGES.items():
@@ -54,6 +64,11 @@ class ModelConfig:
       if not low <= value <= high:
         raise ConfigError(f"{name} must be in [{low}, {high}] (sizes a real model has), "
                           f"got {value}")
+    cap = self.attn_logit_cap
+    if (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not math.isfinite(cap)
+        or not 0 <= cap <= 1e6):
+      raise ConfigError(f"attn_logit_cap must be a finite number in [0, 1e6] (0: no cap), "
+                        f"got {cap!r}")
     for name, (high, what) in _FLOAT_RANGES.items():
       value = getattr(self, name)
       if (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -77,13 +92,29 @@ class ModelConfig:
       if not 0 <= token < self.vocab_size:
         raise ConfigError(f"{name} {token} is outside the vocabulary "
                           f"[0, {self.vocab_size})")
+    for name, high in (("expert_ffn_size", 2**20), ("shared_expert_ffn_size", 2**20)):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise ConfigError(f"{name} must be an integer in [0, {high}] (0: none), got {value!r}")
+    if self.expert_activation not in EXPERT_ACTIVATIONS:
+      raise ConfigError(f"expert_activation must be one of {EXPERT_ACTIVATIONS}, "
+                        f"got {self.expert_activation!r}")
+    for name in ("router_renormalize", "post_norms", "qkv_bias", "qk_norm", "tie_embeddings",
+                 "shared_expert_gate"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+    if self.shared_expert_gate and not self.shared_expert_ffn_size:
+      raise ConfigError("shared_expert_gate needs a shared expert (shared_expert_ffn_size > 0)")
     if self.ffn_size < 1:
       raise ConfigError(f"widening_factor {self.widening_factor} with emb_size "
                         f"{self.emb_size} gives an expert hidden size of 0")
 
   @property
   def ffn_size(self) -> int:
-    """Expert hidden size: int(widening * D) * 2 // 3, rounded up to a multiple of 8."""
+    """Expert hidden size: expert_ffn_size when given, else Grok's formula
+    int(widening * D) * 2 // 3, rounded up to a multiple of 8."""
+    if self.expert_ffn_size:
+      return self.expert_ffn_size
     return _round_up(int(self.widening_factor * self.emb_size) * 2 // 3, 8)
 
   @property
@@ -131,7 +162,8 @@ class ModelConfig:
       raise ConfigError(f"config JSON of {len(text)} characters; a config is a few hundred "
                         f"(at most {MAX_JSON_CHARS})")
     if _json_nesting(text) > 1:
-      raise ConfigError("config JSON nests objects or arrays; every field is a number")
+      raise ConfigError("config JSON nests objects or arrays; every field is a number, "
+                        "a string or true/false")
     try:
       values = json.loads(text, parse_int=_parse_json_int,
                           object_pairs_hook=_object_without_duplicates)
@@ -164,10 +196,10 @@ _FLOAT_RANGES = {
     "attn_output_multiplier": (1e6, "attention logit scale"),
     "embedding_multiplier_scale": (1e6, "embedding scale"),
     "output_multiplier_scale": (1e6, "logit scale"),
-    "attn_logit_cap": (1e6, "attention logit soft cap"),
     "rms_norm_eps": (1.0, "RMSNorm epsilon"),
     "rope_base": (1e12, "RoPE wavelength base"),
 }
+EXPERT_ACTIVATIONS = ("gelu", "silu")
 MAX_JSON_CHARS = 64 * 1024
 _MAX_JSON_INT_DIGITS = 20
 

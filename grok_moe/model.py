@@ -111,9 +111,16 @@ def _attention(ctx: _Layer, weights, x, positions, token_valid, cache, layer):
   """
   cfg = ctx.config
   batch, num_new, _ = x.shape
-  q = ctx.linear(x, weights, P.QUERY, layer).reshape(batch, num_new, cfg.num_q_heads, cfg.key_size)  # [B, T, H, d]
-  k = ctx.linear(x, weights, P.KEY, layer).reshape(batch, num_new, cfg.num_kv_heads, cfg.key_size)   # [B, T, K, d]
-  v = ctx.linear(x, weights, P.VALUE, layer).reshape(batch, num_new, cfg.num_kv_heads, cfg.key_size)  # [B, T, K, d]
+  q, k, v = (ctx.linear(x, weights, param, layer) for param in (P.QUERY, P.KEY, P.VALUE))
+  if cfg.qkv_bias:
+    q, k, v = (y + quant.take(weights[bias.name], layer).astype(y.dtype)
+               for y, bias in ((q, P.QUERY_BIAS), (k, P.KEY_BIAS), (v, P.VALUE_BIAS)))
+  q = q.reshape(batch, num_new, cfg.num_q_heads, cfg.key_size)            # [B, T, H, d]
+  k = k.reshape(batch, num_new, cfg.num_kv_heads, cfg.key_size)           # [B, T, K, d]
+  v = v.reshape(batch, num_new, cfg.num_kv_heads, cfg.key_size)           # [B, T, K, d]
+  if cfg.qk_norm:  # each head normalised over its d
+    q = rms_norm(q, quant.take(weights[P.QUERY_NORM.name], layer), cfg.rms_norm_eps)
+    k = rms_norm(k, quant.take(weights[P.KEY_NORM.name], layer), cfg.rms_norm_eps)
   q = attention.apply_rope(q, positions, cfg.rope_base)
   k = attention.apply_rope(k, positions, cfg.rope_base)
 
@@ -137,18 +144,34 @@ def _attention(ctx: _Layer, weights, x, positions, token_valid, cache, layer):
 
 
 def _experts(ctx: _Layer, weights, x, layer):
-  """Top-k routed mixture of GELU-gated experts. x [N, D] -> [N, D], gates and indices [N, k]."""
+  """Top-k routed mixture of gated experts, and the shared expert when the config has one.
+
+  x [N, D] -> [N, D], gates and indices [N, k]. The shared expert runs on
+  every token, its output scaled by sigmoid(x @ w) with shared_expert_gate,
+  and is added to the routed experts' output.
+  """
   cfg = ctx.config
   router = quant.take(weights[P.ROUTER.name], layer)                      # [D, E]
-  gates, expert_indices = moe.route(x, router, cfg.num_selected_experts)
+  gates, expert_indices = moe.route(x, router, cfg.num_selected_experts, cfg.router_renormalize)
   expert_params = (P.EXPERT_IN, P.EXPERT_GATE, P.EXPERT_OUT)
   expert_weights = tuple(weights[param.name] for param in expert_params)  # [L, E, ...]
   if ctx.plan is None:
     out = moe.sparse_moe(x, gates, expert_indices, *expert_weights, tile_size=ctx.tile_size,
-                         layer=layer)
+                         layer=layer, activation=cfg.expert_activation)
   else:
     out = sharded_ops.sparse_moe(x, gates, expert_indices, *expert_weights, expert_params,
-                                 ctx.plan, layer=layer, tile_size=ctx.tile_size)
+                                 ctx.plan, layer=layer, tile_size=ctx.tile_size,
+                                 activation=cfg.expert_activation)
+  if cfg.shared_expert_ffn_size:
+    activation = moe.ACTIVATIONS[cfg.expert_activation]
+    hidden = (activation(ctx.linear(x, weights, P.SHARED_IN, layer))
+              * ctx.linear(x, weights, P.SHARED_GATE, layer))              # [N, Fs]
+    shared = ctx.linear(hidden, weights, P.SHARED_OUT, layer)             # [N, D]
+    if cfg.shared_expert_gate:
+      gate_w = quant.take(weights[P.SHARED_EXPERT_GATE.name], layer)      # [D, 1]
+      shared = shared * jax.nn.sigmoid(
+          jnp.matmul(x.astype(jnp.float32), gate_w.astype(jnp.float32))).astype(shared.dtype)
+    out = out + shared
   return out, gates, expert_indices
 
 
@@ -163,13 +186,14 @@ def decoder_layer(ctx: _Layer, weights, x, positions, token_valid, cache, layer)
   """
   eps = ctx.config.rms_norm_eps
   norm = lambda y, param: rms_norm(y, quant.take(weights[param.name], layer), eps)  # noqa: E731
+  post_norm = norm if ctx.config.post_norms else (lambda y, param: y)  # noqa: E731
   attention_out, new_cache = _attention(ctx, weights, norm(x, P.PRE_ATTENTION_NORM), positions,
                                         token_valid, cache, layer)
-  h = x + norm(attention_out, P.POST_ATTENTION_NORM)                      # [B, T, D]
+  h = x + post_norm(attention_out, P.POST_ATTENTION_NORM)                 # [B, T, D]
   batch, num_new, width = h.shape
   moe_in = norm(h, P.PRE_MOE_NORM).reshape(batch * num_new, width)        # [N, D]
   moe_out, gates, expert_indices = _experts(ctx, weights, moe_in, layer)
-  x = h + norm(moe_out.reshape(batch, num_new, width), P.POST_MOE_NORM)   # [B, T, D]
+  x = h + post_norm(moe_out.reshape(batch, num_new, width), P.POST_MOE_NORM)  # [B, T, D]
   x = ctx.constrain(x, ("batch", None, None))
   routing = (expert_indices.reshape(batch, num_new, -1), gates.reshape(batch, num_new, -1))
   return x, new_cache, routing
@@ -177,7 +201,7 @@ def decoder_layer(ctx: _Layer, weights, x, positions, token_valid, cache, layer)
 
 def _initializer(spec: P.ParamSpec):
   if spec.fan_in_axis is None:
-    return jnp.ones
+    return lambda shape, dtype: jnp.full(shape, spec.init_value, dtype)
   def init(shape, dtype):
     stddev = 1 / math.sqrt(shape[spec.fan_in_axis])
     return hk.initializers.TruncatedNormal(stddev=stddev)(shape, dtype)
@@ -224,7 +248,7 @@ class Transformer(hk.Module):
     """x [B, T, D] -> x [B, T, D], the cache keys and values [L, B, S, K, d] (or None)
     and the routing [L, B, T, k]."""
     config = self.ctx.config
-    stacked = _get_parameters(P.LAYER_PARAMS, config, "transformer/")   # {name: [L, ...]}
+    stacked = _get_parameters(P.layer_params_for(config), config, "transformer/")  # {name: [L, ...]}
 
     def body(carry, layer):
       x, keys, values = carry
@@ -257,7 +281,8 @@ class LanguageModel(hk.Module):
       start = 0 if cache is None else cache.lengths[:, None]
       positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]   # [B, T]
 
-    own = _get_parameters((P.EMBEDDINGS, P.FINAL_NORM), cfg, "language_model/")
+    own = _get_parameters([spec for spec in P.params_for(cfg) if not spec.per_layer], cfg,
+                          "language_model/")
     embeddings = own[P.EMBEDDINGS.name]                                           # [V, D]
     x = embeddings.astype(dtype)[tokens] * jnp.asarray(cfg.embedding_multiplier_scale, dtype)  # [B, T, D]
 
@@ -276,7 +301,8 @@ class LanguageModel(hk.Module):
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)             # [B, 1, D]
     x = rms_norm(x, own[P.FINAL_NORM.name], cfg.rms_norm_eps)
-    logits = jnp.einsum("btd,vd->btv", x, embeddings.astype(dtype),
+    output = embeddings if cfg.tie_embeddings else own[P.LM_HEAD.name]            # [V, D]
+    logits = jnp.einsum("btd,vd->btv", x, output.astype(dtype),
                         preferred_element_type=jnp.float32)                       # [B, T, V]
     return ModelOutput(logits * cfg.output_multiplier_scale, new_cache, routing)
 

@@ -18,36 +18,45 @@ from grok_moe import quant
 DEFAULT_TILE_SIZE = 256
 
 
-def route(x: jax.Array, router_w: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def route(x: jax.Array, router_w: jax.Array, k: int,
+          renormalize: bool = False) -> tuple[jax.Array, jax.Array]:
   """Top-k routing in float32: softmax over all E experts, then top_k.
 
-  The gates are the softmax probabilities themselves (not renormalised over
-  the k chosen experts); ties go to the lower expert index.
+  The gates are the softmax probabilities themselves (Grok-1), or with
+  `renormalize` those divided by their sum over the k chosen experts
+  (Mixtral, Qwen3-MoE); ties go to the lower expert index.
   Returns gates [N, k] float32 and expert indices [N, k] int32.
   """
   logits = jnp.matmul(x.astype(jnp.float32), router_w.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)        # [N, E]
   probs = jax.nn.softmax(logits, axis=-1)                         # [N, E]
   gates, expert_indices = jax.lax.top_k(probs, k)                 # [N, k]
+  if renormalize:
+    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
   return gates, expert_indices.astype(jnp.int32)
 
 
+ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}  # gelu in its tanh form
+
+
 def expert_ffn(x: jax.Array, w_in: quant.Weight, w_v: quant.Weight,
-               w_out: quant.Weight) -> jax.Array:
-  """One expert: (gelu(x @ W) * (x @ V)) @ O, gelu in its tanh form. x [C, D] -> [C, D]."""
-  hidden = jax.nn.gelu(quant.matmul(x, w_in)) * quant.matmul(x, w_v)  # [C, F]
+               w_out: quant.Weight, activation: str = "gelu") -> jax.Array:
+  """One expert: (act(x @ W) * (x @ V)) @ O, act gelu in its tanh form (Grok) or silu
+  (Mixtral, Qwen). x [C, D] -> [C, D]."""
+  act = ACTIVATIONS[activation]
+  hidden = act(quant.matmul(x, w_in)) * quant.matmul(x, w_v)          # [C, F]
   return quant.matmul(hidden, w_out)                                  # [C, D]
 
 
-def _indexed_expert_ffn(x, w_in, w_v, w_out, index):
+def _indexed_expert_ffn(x, w_in, w_v, w_out, index, activation):
   """expert_ffn with the expert at `index` of the stacks ([E, ...] or [L, E, ...]), read in
   place. x [C, D] -> [C, D]."""
-  hidden = (jax.nn.gelu(quant.matmul(x, w_in, index=index))
+  hidden = (ACTIVATIONS[activation](quant.matmul(x, w_in, index=index))
             * quant.matmul(x, w_v, index=index))                             # [C, F]
   return quant.matmul(hidden, w_out, index=index)                           # [C, D]
 
 
-def dense_moe(x, gates, expert_indices, w_in, w_v, w_out):
+def dense_moe(x, gates, expert_indices, w_in, w_v, w_out, activation: str = "gelu"):
   """Every expert on every token, weighted by its gate (0 when not selected).
 
   The baseline the sparse path is measured against: E/k times the work.
@@ -59,7 +68,7 @@ def dense_moe(x, gates, expert_indices, w_in, w_v, w_out):
       axis=1)
   out = jnp.zeros(x.shape, jnp.float32)
   for e in range(num_experts):
-    y = expert_ffn(x, quant.take(w_in, e), quant.take(w_v, e), quant.take(w_out, e))
+    y = expert_ffn(x, quant.take(w_in, e), quant.take(w_v, e), quant.take(w_out, e), activation)
     out = out + y.astype(jnp.float32) * expert_gates[:, e:e + 1]
   return out.astype(x.dtype)
 
@@ -145,7 +154,8 @@ def _over_tiles(run_rows, carry, count, num_tokens: int, tile: int):
   return jax.lax.switch(branch, branches, carry)
 
 
-def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, layer=None):
+def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, layer=None,
+               activation: str = "gelu"):
   """Each token through its k selected experts only; no token is dropped.
 
   Algorithm (A = N*k assignments, C rows a tile, at most N):
@@ -186,7 +196,13 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, la
   # NumPy inputs become arrays, which traced indices can index.
   arrays = jax.tree.map(jnp.asarray, (x, gates, expert_indices, w_in, w_v, w_out))
   layer = None if layer is None else jnp.asarray(layer, jnp.int32)
-  return _sparse_moe(tile_size, layer, *arrays)
+  return _sparse_moe(_Static(tile_size, activation), layer, *arrays)
+
+
+class _Static(NamedTuple):
+  """The custom_vjp's static argument: the tile rows and the experts' activation."""
+  tile_size: int | None
+  activation: str
 
 
 def _prefix(layer) -> tuple:
@@ -194,8 +210,10 @@ def _prefix(layer) -> tuple:
   return () if layer is None else (layer,)
 
 
-def _sparse_moe_forward(tile_size, layer, x, gates, expert_indices, w_in, w_v, w_out):
-  """`sparse_moe`'s algorithm, with tile_size first (the custom_vjp's static argument)."""
+def _sparse_moe_forward(static, layer, x, gates, expert_indices, w_in, w_v, w_out):
+  """`sparse_moe`'s algorithm, with tile_size and activation first (the custom_vjp's
+  static argument)."""
+  tile_size, activation = static
   num_tokens, width = x.shape
   num_experts = w_in.shape[-3]
   prefix = _prefix(layer)
@@ -208,10 +226,11 @@ def _sparse_moe_forward(tile_size, layer, x, gates, expert_indices, w_in, w_v, w
       if convert_once:  # dequantize the expert's weights once for all its tiles
         weights = [quant.dequantize(quant.take(w, prefix + (expert,)), x.dtype)
                    for w in (w_in, w_v, w_out)]                                # [D, F], [D, F], [F, D]
-        ffn = functools.partial(expert_ffn, w_in=weights[0], w_v=weights[1], w_out=weights[2])
+        ffn = functools.partial(expert_ffn, w_in=weights[0], w_v=weights[1], w_out=weights[2],
+                                activation=activation)
       else:  # few rows: quant.matmul reads the expert's weights in place
         ffn = functools.partial(_indexed_expert_ffn, w_in=w_in, w_v=w_v, w_out=w_out,
-                                index=prefix + (expert,))
+                                index=prefix + (expert,), activation=activation)
 
       def run_rows(out, first, size: int):
         """The expert's rows first .. first + size (those below its count) onto out."""
@@ -228,14 +247,14 @@ def _sparse_moe_forward(tile_size, layer, x, gates, expert_indices, w_in, w_v, w
   return out.astype(x.dtype)
 
 
-def _sparse_moe_forward_with_residuals(tile_size, layer, x, gates, expert_indices, w_in, w_v,
+def _sparse_moe_forward_with_residuals(static, layer, x, gates, expert_indices, w_in, w_v,
                                        w_out):
   """The custom_vjp's forward rule: the output, and the inputs as its only residuals."""
-  out = _sparse_moe_forward(tile_size, layer, x, gates, expert_indices, w_in, w_v, w_out)
+  out = _sparse_moe_forward(static, layer, x, gates, expert_indices, w_in, w_v, w_out)
   return out, (layer, x, gates, expert_indices, w_in, w_v, w_out)
 
 
-def _sparse_moe_backward(tile_size, residuals, out_grad):
+def _sparse_moe_backward(static, residuals, out_grad):
   """Cotangents of (layer, x, gates, expert_indices, w_in, w_v, w_out) from out_grad [N, D].
 
   The forward's walk again (the same sort, the same experts and tiles, empty
@@ -254,8 +273,10 @@ def _sparse_moe_backward(tile_size, residuals, out_grad):
   are unsorted. With a `layer`, the weights' cotangents are zero but in that
   layer's slot of the stacks [L, E, ...].
   """
+  tile_size, activation = static
   layer, x, gates, expert_indices, w_in, w_v, w_out = residuals
   prefix = _prefix(layer)
+  ffn = functools.partial(expert_ffn, activation=activation)
   num_tokens = x.shape[0]
   num_experts = w_in.shape[-3]
   tile = _tile_size_for(num_tokens, tile_size)
@@ -274,7 +295,7 @@ def _sparse_moe_backward(tile_size, residuals, out_grad):
         """The expert's rows first .. first + size: their cotangents added to carry."""
         x_grad, sorted_gate_grad, weight_grads = carry
         rows, valid, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C]
-        y, ffn_vjp = jax.vjp(expert_ffn, x[tokens], *weights)                  # y [C, D]
+        y, ffn_vjp = jax.vjp(ffn, x[tokens], *weights)                         # y [C, D]
         row_grad = out_grad[tokens]                                            # [C, D]
         row_gate_grad = jnp.where(
             valid, jnp.sum(row_grad * y.astype(jnp.float32), axis=-1), 0.0)    # [C]

@@ -48,6 +48,8 @@ Q_HEADS = "q_heads"
 KV_HEADS = "kv_heads"
 EXPERTS = "experts"
 FFN = "ffn"
+SHARED_FFN = "shared_ffn"  # the shared expert's hidden width
+HEAD = "head"              # one head's width d (q/k norm scales): never split
 
 LAYERS_MODULE = "transformer/decoder_layers"
 _RELEASE_LAYER = re.compile(r"^transformer/decoder_layer_(\d+)/(.+)$")
@@ -61,7 +63,10 @@ class ParamSpec:
   a layer ("moe/linear/w") for a per-layer one. `shape(config)` is the shape
   of one layer's tensor; `axes` names its axes. `fan_in_axis` is the axis
   whose size sets the init's standard deviation (1/sqrt(fan_in)); None means
-  the tensor starts as ones (norm scales). `group` is one of GROUPS.
+  the tensor starts as `init_value` (1 for norm scales, 0 for biases).
+  `group` is one of GROUPS. `present(config)` says whether a config has the
+  tensor at all (the switches of `ModelConfig`: biases, q/k norms, an
+  untied output projection, a shared expert).
   """
 
   name: str
@@ -71,6 +76,8 @@ class ParamSpec:
   per_layer: bool
   group: str                      # what the memory plan and benchmarks count it under
   fan_in_axis: int | None = -2
+  init_value: float = 1.0         # the constant a tensor without fan_in starts as
+  present: Callable[[ModelConfig], bool] = lambda config: True
 
   @property
   def path(self) -> str:
@@ -101,18 +108,51 @@ class ParamSpec:
 GROUPS = ("experts", "attention", "embeddings", "norms and router")
 
 
-def _matrix(name, shape, axes, row_blocks, group):
-  return ParamSpec(name, shape, axes, row_blocks, per_layer=True, group=group)
+def _matrix(name, shape, axes, row_blocks, group, present=lambda config: True):
+  return ParamSpec(name, shape, axes, row_blocks, per_layer=True, group=group,
+                   present=present)
 
 
-def _norm(name):
+def _norm(name, present=lambda config: True):
   return ParamSpec(name, lambda c: (c.emb_size,), (EMBED,), None, per_layer=True,
-                   group="norms and router", fan_in_axis=None)
+                   group="norms and router", fan_in_axis=None, present=present)
+
+
+def _vector(name, shape, axes, group, init_value, present):
+  return ParamSpec(name, shape, axes, None, per_layer=True, group=group, fan_in_axis=None,
+                   init_value=init_value, present=present)
+
+
+def _has_post_norms(config):
+  return config.post_norms
+
+
+def _has_qkv_bias(config):
+  return config.qkv_bias
+
+
+def _has_qk_norm(config):
+  return config.qk_norm
+
+
+def _has_lm_head(config):
+  return not config.tie_embeddings
+
+
+def _has_shared_expert(config):
+  return config.shared_expert_ffn_size > 0
+
+
+def _has_shared_expert_gate(config):
+  return config.shared_expert_gate
 
 
 EMBEDDINGS = ParamSpec("language_model/in_out_embed/embeddings",
                        lambda c: (c.vocab_size, c.emb_size), (VOCAB, EMBED), None,
                        per_layer=False, group="embeddings", fan_in_axis=-1)
+LM_HEAD = ParamSpec("language_model/lm_head/w", lambda c: (c.vocab_size, c.emb_size),
+                    (VOCAB, EMBED), None, per_layer=False, group="embeddings", fan_in_axis=-1,
+                    present=_has_lm_head)  # [V, D] like the embeddings, when not tied
 FINAL_NORM = ParamSpec("language_model/rms_norm/scale", lambda c: (c.emb_size,), (EMBED,),
                        None, per_layer=False, group="norms and router", fan_in_axis=None)
 QUERY = _matrix("multi_head_attention/query/w", lambda c: (c.emb_size, c.q_size),
@@ -123,10 +163,20 @@ VALUE = _matrix("multi_head_attention/value/w", lambda c: (c.emb_size, c.kv_size
                 (EMBED, KV_HEADS), 1, "attention")
 ATTENTION_OUT = _matrix("multi_head_attention/linear/w", lambda c: (c.q_size, c.emb_size),
                         (Q_HEADS, EMBED), 8, "attention")
+QUERY_BIAS = _vector("multi_head_attention/query/b", lambda c: (c.q_size,), (Q_HEADS,),
+                     "attention", 0.0, _has_qkv_bias)
+KEY_BIAS = _vector("multi_head_attention/key/b", lambda c: (c.kv_size,), (KV_HEADS,),
+                   "attention", 0.0, _has_qkv_bias)
+VALUE_BIAS = _vector("multi_head_attention/value/b", lambda c: (c.kv_size,), (KV_HEADS,),
+                     "attention", 0.0, _has_qkv_bias)
+QUERY_NORM = _vector("multi_head_attention/query_norm/scale", lambda c: (c.key_size,), (HEAD,),
+                     "norms and router", 1.0, _has_qk_norm)
+KEY_NORM = _vector("multi_head_attention/key_norm/scale", lambda c: (c.key_size,), (HEAD,),
+                   "norms and router", 1.0, _has_qk_norm)
 PRE_ATTENTION_NORM = _norm("rms_norm/scale")
-POST_ATTENTION_NORM = _norm("rms_norm_1/scale")
+POST_ATTENTION_NORM = _norm("rms_norm_1/scale", _has_post_norms)
 PRE_MOE_NORM = _norm("rms_norm_2/scale")
-POST_MOE_NORM = _norm("rms_norm_3/scale")
+POST_MOE_NORM = _norm("rms_norm_3/scale", _has_post_norms)
 ROUTER = _matrix("router/w", lambda c: (c.emb_size, c.num_experts), (EMBED, None), None,
                  "norms and router")
 EXPERT_IN = _matrix("moe/linear/w", lambda c: (c.num_experts, c.emb_size, c.ffn_size),
@@ -136,11 +186,31 @@ EXPERT_GATE = _matrix("moe/linear_v/w", lambda c: (c.num_experts, c.emb_size, c.
 EXPERT_OUT = _matrix("moe/linear_1/w", lambda c: (c.num_experts, c.ffn_size, c.emb_size),
                      (EXPERTS, FFN, EMBED), 8, "experts")    # O, after the product
 
+SHARED_IN = _matrix("shared_expert/linear/w", lambda c: (c.emb_size, c.shared_expert_ffn_size),
+                    (EMBED, SHARED_FFN), 1, "experts", _has_shared_expert)
+SHARED_GATE = _matrix("shared_expert/linear_v/w",
+                      lambda c: (c.emb_size, c.shared_expert_ffn_size), (EMBED, SHARED_FFN), 1,
+                      "experts", _has_shared_expert)
+SHARED_OUT = _matrix("shared_expert/linear_1/w",
+                     lambda c: (c.shared_expert_ffn_size, c.emb_size), (SHARED_FFN, EMBED), 1,
+                     "experts", _has_shared_expert)
+SHARED_EXPERT_GATE = _matrix("shared_expert_gate/w", lambda c: (c.emb_size, 1), (EMBED, None),
+                             None, "norms and router", _has_shared_expert_gate)
+
 PARAMS: tuple[ParamSpec, ...] = (
-    EMBEDDINGS, FINAL_NORM, QUERY, KEY, VALUE, ATTENTION_OUT, PRE_ATTENTION_NORM,
-    POST_ATTENTION_NORM, PRE_MOE_NORM, POST_MOE_NORM, ROUTER, EXPERT_IN, EXPERT_GATE,
-    EXPERT_OUT)
-LAYER_PARAMS = tuple(spec for spec in PARAMS if spec.per_layer)
+    EMBEDDINGS, LM_HEAD, FINAL_NORM, QUERY, KEY, VALUE, ATTENTION_OUT, QUERY_BIAS, KEY_BIAS,
+    VALUE_BIAS, QUERY_NORM, KEY_NORM, PRE_ATTENTION_NORM, POST_ATTENTION_NORM, PRE_MOE_NORM,
+    POST_MOE_NORM, ROUTER, EXPERT_IN, EXPERT_GATE, EXPERT_OUT, SHARED_IN, SHARED_GATE,
+    SHARED_OUT, SHARED_EXPERT_GATE)
+
+
+def params_for(config: ModelConfig) -> tuple[ParamSpec, ...]:
+  """The table's tensors that `config` has."""
+  return tuple(spec for spec in PARAMS if spec.present(config))
+
+
+def layer_params_for(config: ModelConfig) -> tuple[ParamSpec, ...]:
+  return tuple(spec for spec in params_for(config) if spec.per_layer)
 
 BY_NAME: dict[str, ParamSpec] = {spec.name: spec for spec in PARAMS}
 BY_PATH: dict[str, ParamSpec] = {spec.path: spec for spec in PARAMS}
@@ -159,18 +229,18 @@ def spec_for_release_name(name: str) -> tuple[ParamSpec, int | None]:
 
 
 def row_blocks_for(name: str) -> int | None:
-  """Scale row blocks the release uses for the tensor `name` (release or stacked name,
-  with or without "/w"); None if it stays float32."""
-  for spec in PARAMS:
-    if name.endswith(spec.name) or name.endswith(spec.name.removesuffix("/w")):
-      return spec.row_blocks
-  raise KeyError(f"{name} is not a parameter of the model")
+  """Scale row blocks the release uses for the tensor `name` (a release or an in-memory
+  name); None if it stays float32."""
+  spec = BY_PATH.get(name)
+  if spec is None:
+    spec, _ = spec_for_release_name(name)
+  return spec.row_blocks
 
 
 def release_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Every release tensor's name and shape: one entry per layer for per-layer tensors."""
   shapes = {}
-  for spec in PARAMS:
+  for spec in params_for(config):
     layers = range(config.num_layers) if spec.per_layer else [None]
     for layer in layers:
       shapes[spec.release_name(layer)] = spec.layer_shape(config)
@@ -249,7 +319,7 @@ def stack_release(params, config: ModelConfig) -> dict[str, dict[str, Any]]:
   flat = flatten(params)
   check_release(flat, config)
   stacked = {}
-  for spec in PARAMS:
+  for spec in params_for(config):
     if spec.per_layer:
       stacked[spec.path] = _stack([flat[spec.release_name(layer)]
                                    for layer in range(config.num_layers)])
@@ -268,7 +338,7 @@ def as_stacked(params, config: ModelConfig) -> dict[str, dict[str, Any]]:
 def check_stacked(params, config: ModelConfig) -> None:
   """ConfigError unless stacked `params` have exactly the table's tensors and shapes."""
   flat = flatten(params)
-  expected = {spec.path: spec.stored_shape(config) for spec in PARAMS}
+  expected = {spec.path: spec.stored_shape(config) for spec in params_for(config)}
   missing = sorted(set(expected) - set(flat))
   extra = sorted(set(flat) - set(expected))
   if missing or extra:
@@ -307,7 +377,7 @@ def release_form(params) -> dict[str, Any]:
 def release_tensors(params, config: ModelConfig) -> Iterator[tuple[str, Any]]:
   """(release name, leaf) of every tensor, in the table's order, slicing stacked leaves."""
   flat = flatten(as_stacked(params, config))
-  for spec in PARAMS:
+  for spec in params_for(config):
     leaf = flat[spec.path]
     if spec.per_layer:
       for layer in range(config.num_layers):
@@ -331,7 +401,7 @@ def _truncated_normal(rng: np.random.Generator, shape, stddev: float) -> np.ndar
 def init_params(config: ModelConfig, seed: int = 0) -> dict[str, dict[str, Any]]:
   """Random float32 parameters in the stacked form.
 
-  Norm scales are 1; every other tensor is truncated normal with standard
+  Norm scales are 1 and biases 0; every other tensor is truncated normal with standard
   deviation 1/sqrt(fan_in) (the input width: D for the embeddings and the
   router). Each layer's tensor is drawn on its own, in release-name order,
   so the values do not depend on the stacking.
@@ -342,7 +412,7 @@ def init_params(config: ModelConfig, seed: int = 0) -> dict[str, dict[str, Any]]
   for name in sorted(shapes):
     spec, _ = spec_for_release_name(name)
     if spec.fan_in_axis is None:
-      flat[name] = np.ones(shapes[name], np.float32)
+      flat[name] = np.full(shapes[name], spec.init_value, np.float32)
     else:
       fan_in = shapes[name][spec.fan_in_axis]
       flat[name] = _truncated_normal(rng, shapes[name], 1 / math.sqrt(fan_in))
@@ -358,7 +428,7 @@ def abstract_params(config: ModelConfig, form: str = "float32", layout=None):
   `layout(spec)` when given) and float32 for the rest.
   """
   flat = {}
-  for spec in PARAMS:
+  for spec in params_for(config):
     shape = spec.stored_shape(config)
     if form == "float32" or not spec.quantized:
       flat[spec.path] = jax.ShapeDtypeStruct(shape, jnp.float32)

@@ -151,7 +151,7 @@ def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, la
 
 
 def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, params: tuple[ParamSpec, ...],
-               plan: ShardingPlan, *, layer, tile_size=None):
+               plan: ShardingPlan, *, layer, tile_size=None, activation: str = "gelu"):
   """moe.sparse_moe over the mesh; x [N, D], gates and expert_indices [N, k] -> [N, D].
 
   w_in, w_v, w_out are every layer's stacks [L, E, ...], of which `layer` (a
@@ -183,7 +183,7 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, params: tuple[ParamSp
       expert_indices = jnp.where(local, expert_indices - first, per_local_expert)
       gates = jnp.where(local, gates, 0.0)
     partial = moe.sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, tile_size=tile_size,
-                             layer=layer)
+                             layer=layer, activation=activation)
     return jax.lax.psum(partial, MODEL)                                          # [N', D]
 
   return _shard_map(

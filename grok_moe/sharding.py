@@ -36,7 +36,7 @@ from grok_moe import quant
 from grok_moe.config import ModelConfig
 from grok_moe.errors import ConfigError, MeshError
 from grok_moe.kv_cache import KVCache, init_cache
-from grok_moe.params import EXPERTS, FFN, KV_HEADS, Q_HEADS, VOCAB
+from grok_moe.params import EXPERTS, FFN, KV_HEADS, Q_HEADS, SHARED_FFN, VOCAB
 
 DATA = "data"
 MODEL = "model"
@@ -121,6 +121,8 @@ _SHARED_RULES = (
     # attention split by heads: query, key, value by columns, the output by rows
     AxisRule(Q_HEADS, MODEL, "num_q_heads"),
     AxisRule(KV_HEADS, MODEL, "num_kv_heads", REPLICATE),
+    # a shared expert's hidden units, as the routed experts' in tensor mode
+    AxisRule(SHARED_FFN, MODEL, "shared_expert_ffn_size", REPLICATE),
 )
 
 AXIS_RULES: dict[str, tuple[AxisRule, ...]] = {
