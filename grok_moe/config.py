@@ -41,7 +41,7 @@ class ModelConfig:
   output_multiplier_scale: float = 3 ** -0.5
   pad_token: int = 0
   bos_token: int = 1
-  eos_token: int = 2
+  eos_token: int = 2                 # NO_EOS (-1): generation ends only by length
   attn_logit_cap: float = 30.0       # soft cap of the attention logits; 0: none
   rms_norm_eps: float = 1e-5
   rope_base: float = 10_000.0
@@ -89,6 +89,8 @@ class ModelConfig:
       token = getattr(self, name)
       if not isinstance(token, int) or isinstance(token, bool):
         raise ConfigError(f"{name} must be an integer token id, got {token!r}")
+      if name == "eos_token" and token == NO_EOS:
+        continue
       if not 0 <= token < self.vocab_size:
         raise ConfigError(f"{name} {token} is outside the vocabulary "
                           f"[0, {self.vocab_size})")
@@ -200,6 +202,7 @@ _FLOAT_RANGES = {
     "rope_base": (1e12, "RoPE wavelength base"),
 }
 EXPERT_ACTIVATIONS = ("gelu", "silu")
+NO_EOS = -1
 MAX_JSON_CHARS = 64 * 1024
 _MAX_JSON_INT_DIGITS = 20
 

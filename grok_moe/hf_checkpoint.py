@@ -1,0 +1,371 @@
+"""Hugging Face checkpoints of Grok-style MoE families, read into the parameter table.
+
+A Hugging Face directory holds config.json (with `model_type`) and one
+`model.safetensors` or several `*.safetensors` with `model.safetensors.index.json`.
+This module is the adapter at the edge, family by family:
+
+    `model_config`   config.json -> ModelConfig: the family's sizes and switches;
+    `SOURCES`        per family, where each tensor of the table comes from: the
+                     Hugging Face name and how its axes map onto ours
+                     (Hugging Face keeps Linear weights as [out, in], the table
+                     [in, out]; experts are one tensor each, the table stacks them);
+    `load`           the stacked params, each layer written into its slot of an
+                     array already laid out for its devices; every device's
+                     part is read as a slice of the memory-mapped files, so
+                     host memory holds one layer's shard at a time.
+
+Families: mixtral (MixtralForCausalLM), qwen2_moe (Qwen2MoeForCausalLM),
+qwen3_moe (Qwen3MoeForCausalLM). The model has no branch on the family: the
+config's switches say everything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok_moe import params as P
+from grok_moe.config import NO_EOS, ModelConfig
+from grok_moe.errors import CheckpointError, ConfigError
+from grok_moe.safetensors_file import SafetensorsFile
+from grok_moe.sharding import ShardingPlan
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+def is_hf_checkpoint(path) -> bool:
+  """Whether `path` is a directory with a Hugging Face config.json (a `model_type`) and
+  safetensors weights."""
+  path = pathlib.Path(path)
+  config = path / CONFIG_FILE
+  if not config.is_file() or not any(path.glob("*.safetensors")):
+    return False
+  try:
+    return "model_type" in json.loads(config.read_text(encoding="utf-8")[:MAX_CONFIG_BYTES])
+  except (OSError, ValueError):
+    return False
+
+
+def read_hf_config(path) -> dict[str, Any]:
+  config_path = pathlib.Path(path) / CONFIG_FILE
+  try:
+    with open(config_path, "rb") as file:
+      text = file.read(MAX_CONFIG_BYTES + 1)
+    if len(text) > MAX_CONFIG_BYTES:
+      raise CheckpointError(f"{config_path} is over {MAX_CONFIG_BYTES} bytes; not a config")
+    values = json.loads(text.decode("utf-8"))
+  except (OSError, UnicodeDecodeError, ValueError) as error:
+    raise CheckpointError(f"cannot read {config_path}: {error}") from None
+  if not isinstance(values, dict):
+    raise CheckpointError(f"{config_path} is not a JSON object")
+  return values
+
+
+# --- config.json -> ModelConfig. ---
+
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu"}
+
+
+def _field(hf: dict, name: str, default=None, *, required=True):
+  if name in hf and hf[name] is not None:
+    return hf[name]
+  if not required:
+    return default
+  raise ConfigError(f"config.json has no {name}")
+
+
+def _common(hf: dict, experts_field: str, ffn_field: str) -> dict[str, Any]:
+  """The fields the families share (Llama-style attention, RMSNorm, RoPE)."""
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 or 4
+  if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
+    raise ConfigError(f"config.json's RoPE scaling {rope} is not supported (only the "
+                      "default RoPE)")
+  rope_base = hf.get("rope_theta") or rope.get("rope_theta") or 10_000.0
+  emb = _field(hf, "hidden_size")
+  heads = _field(hf, "num_attention_heads")
+  key_size = _field(hf, "head_dim", emb // heads, required=False)
+  activation = _field(hf, "hidden_act", "silu", required=False)
+  if activation not in _ACTIVATIONS:
+    raise ConfigError(f"config.json's hidden_act {activation!r} is not supported; known: "
+                      f"{sorted(_ACTIVATIONS)}")
+  context = _field(hf, "max_position_embeddings")
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+  if window:  # attention within the context never reaches past the window
+    context = min(context, window)
+  ffn = _field(hf, ffn_field)
+  eos = _field(hf, "eos_token_id", NO_EOS, required=False)
+  vocab = _field(hf, "vocab_size")
+  pad = _field(hf, "pad_token_id", 0, required=False)
+  return dict(
+      vocab_size=vocab, emb_size=emb, key_size=key_size, num_q_heads=heads,
+      num_kv_heads=_field(hf, "num_key_value_heads", heads, required=False),
+      num_layers=_field(hf, "num_hidden_layers"), num_experts=_field(hf, experts_field),
+      num_selected_experts=_field(hf, "num_experts_per_tok"),
+      widening_factor=ffn / emb, expert_ffn_size=ffn, sequence_len=context,
+      attn_output_multiplier=key_size ** -0.5, embedding_multiplier_scale=1.0,
+      output_multiplier_scale=1.0, attn_logit_cap=0.0,
+      rms_norm_eps=_field(hf, "rms_norm_eps", 1e-6, required=False),
+      rope_base=float(rope_base),
+      expert_activation=_ACTIVATIONS[activation], post_norms=False,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      pad_token=pad if isinstance(pad, int) and 0 <= pad < vocab else 0,
+      bos_token=_field(hf, "bos_token_id", 1, required=False),
+      eos_token=eos[0] if isinstance(eos, list) else eos)
+
+
+def _no_dense_layers(hf: dict) -> None:
+  if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+    raise ConfigError("config.json has dense MLP layers (mlp_only_layers or "
+                      "decoder_sparse_step != 1), which are not supported: every layer must "
+                      "be a mixture of experts")
+
+
+def _mixtral(hf: dict) -> dict[str, Any]:
+  return dict(_common(hf, "num_local_experts", "intermediate_size"), router_renormalize=True)
+
+
+def _qwen2_moe(hf: dict) -> dict[str, Any]:
+  _no_dense_layers(hf)
+  shared = _field(hf, "shared_expert_intermediate_size", 0, required=False)
+  return dict(_common(hf, "num_experts", "moe_intermediate_size"),
+              router_renormalize=bool(hf.get("norm_topk_prob", False)),
+              qkv_bias=bool(hf.get("qkv_bias", True)),
+              shared_expert_ffn_size=shared, shared_expert_gate=shared > 0)
+
+
+def _qwen3_moe(hf: dict) -> dict[str, Any]:
+  _no_dense_layers(hf)
+  return dict(_common(hf, "num_experts", "moe_intermediate_size"),
+              router_renormalize=bool(hf.get("norm_topk_prob", True)),
+              qkv_bias=bool(hf.get("attention_bias", False)), qk_norm=True)
+
+
+_CONFIGS: dict[str, Callable[[dict], dict[str, Any]]] = {
+    "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe,
+}
+
+
+def model_config(hf: dict, path="config.json") -> ModelConfig:
+  """The ModelConfig of a Hugging Face config.json (its dict), by its model_type."""
+  family = hf.get("model_type")
+  if family not in _CONFIGS:
+    raise CheckpointError(f"{path}: model_type {family!r} is not supported; supported: "
+                          f"{sorted(_CONFIGS)}")
+  try:
+    return ModelConfig(**_CONFIGS[family](hf))
+  except (ConfigError, TypeError, ZeroDivisionError) as error:
+    raise CheckpointError(f"{path}: {error}") from None
+
+
+# --- Where each tensor of the table comes from. ---
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """The Hugging Face tensor(s) of one table entry.
+
+  `name` is a template with {layer} (and {expert} for experts). `transpose`: the
+  Hugging Face tensor is the table's with its last two axes swapped ([out, in]
+  Linear weights). `per_expert`: one tensor per expert, stacked on the table's
+  expert axis.
+  """
+
+  name: str
+  transpose: bool = False
+  per_expert: bool = False
+
+
+def _attention_sources(bias: bool, qk_norm: bool) -> dict[str, Source]:
+  layer = "model.layers.{layer}."
+  sources = {
+      P.QUERY.name: Source(layer + "self_attn.q_proj.weight", transpose=True),
+      P.KEY.name: Source(layer + "self_attn.k_proj.weight", transpose=True),
+      P.VALUE.name: Source(layer + "self_attn.v_proj.weight", transpose=True),
+      P.ATTENTION_OUT.name: Source(layer + "self_attn.o_proj.weight", transpose=True),
+      P.PRE_ATTENTION_NORM.name: Source(layer + "input_layernorm.weight"),
+      P.PRE_MOE_NORM.name: Source(layer + "post_attention_layernorm.weight"),
+      P.EMBEDDINGS.name: Source("model.embed_tokens.weight"),
+      P.FINAL_NORM.name: Source("model.norm.weight"),
+      P.LM_HEAD.name: Source("lm_head.weight"),
+  }
+  if bias:
+    sources.update({P.QUERY_BIAS.name: Source(layer + "self_attn.q_proj.bias"),
+                    P.KEY_BIAS.name: Source(layer + "self_attn.k_proj.bias"),
+                    P.VALUE_BIAS.name: Source(layer + "self_attn.v_proj.bias")})
+  if qk_norm:
+    sources.update({P.QUERY_NORM.name: Source(layer + "self_attn.q_norm.weight"),
+                    P.KEY_NORM.name: Source(layer + "self_attn.k_norm.weight")})
+  return sources
+
+
+def _expert_sources(block: str, gate: str, up: str, down: str) -> dict[str, Source]:
+  experts = "model.layers.{layer}." + block + ".experts.{expert}."
+  return {
+      P.ROUTER.name: Source("model.layers.{layer}." + block + ".gate.weight", transpose=True),
+      P.EXPERT_IN.name: Source(experts + gate + ".weight", transpose=True, per_expert=True),
+      P.EXPERT_GATE.name: Source(experts + up + ".weight", transpose=True, per_expert=True),
+      P.EXPERT_OUT.name: Source(experts + down + ".weight", transpose=True, per_expert=True),
+  }
+
+
+def _shared_expert_sources() -> dict[str, Source]:
+  shared = "model.layers.{layer}.mlp.shared_expert."
+  return {
+      P.SHARED_IN.name: Source(shared + "gate_proj.weight", transpose=True),
+      P.SHARED_GATE.name: Source(shared + "up_proj.weight", transpose=True),
+      P.SHARED_OUT.name: Source(shared + "down_proj.weight", transpose=True),
+      P.SHARED_EXPERT_GATE.name: Source("model.layers.{layer}.mlp.shared_expert_gate.weight",
+                                        transpose=True),
+  }
+
+
+SOURCES: dict[str, dict[str, Source]] = {
+    "mixtral": {**_attention_sources(bias=False, qk_norm=False),
+                **_expert_sources("block_sparse_moe", "w1", "w3", "w2")},
+    "qwen2_moe": {**_attention_sources(bias=True, qk_norm=False),
+                  **_expert_sources("mlp", "gate_proj", "up_proj", "down_proj"),
+                  **_shared_expert_sources()},
+    "qwen3_moe": {**_attention_sources(bias=True, qk_norm=True),
+                  **_expert_sources("mlp", "gate_proj", "up_proj", "down_proj")},
+}
+
+
+# --- The files. ---
+
+class _Files:
+  """The checkpoint's safetensors files, opened lazily, and which file holds each tensor."""
+
+  def __init__(self, root: pathlib.Path):
+    self.root = root
+    index = root / INDEX_FILE
+    if index.is_file():
+      try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        self.where = {str(name): str(file) for name, file in weight_map.items()}
+      except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{index} is not a safetensors index ({error}); the file is "
+                              "corrupt") from None
+    else:
+      files = sorted(root.glob("*.safetensors"))
+      if len(files) != 1:
+        raise CheckpointError(f"{root} holds {len(files)} safetensors files and no {INDEX_FILE}; "
+                              "a checkpoint of several files needs its index")
+      self.where = {name: files[0].name for name in SafetensorsFile(files[0]).names()}
+    self._open: dict[str, SafetensorsFile] = {}
+
+  def view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The tensor `name`, a view into its mapped file, checked to be of `shape`."""
+    file_name = self.where.get(name)
+    if file_name is None:
+      raise CheckpointError(f"{self.root} has no tensor {name} (in {INDEX_FILE} or the "
+                            "safetensors file); the checkpoint is incomplete or of another "
+                            "model")
+    if file_name not in self._open:
+      path = self.root / file_name
+      if not path.is_file():
+        raise CheckpointError(f"{path} is missing (it holds {name}); download it again")
+      self._open[file_name] = SafetensorsFile(path)
+    file = self._open[file_name]
+    if name not in file.names():
+      raise CheckpointError(f"{file.path} does not hold {name}, which {INDEX_FILE} puts there")
+    view = file.view(name)
+    if view.shape != shape:
+      raise CheckpointError(f"{file.path}: {name} has shape {view.shape}, the config needs "
+                            f"{shape}; the checkpoint does not match its config.json")
+    if not np.issubdtype(view.dtype, np.floating):
+      raise CheckpointError(f"{file.path}: {name} is {view.dtype}, not a float tensor")
+    return view
+
+
+def _read_block(files: _Files, source: Source, spec: P.ParamSpec, config: ModelConfig,
+                layer: int | None, index) -> np.ndarray:
+  """The part `index` (slices over one layer's table shape) of the tensor, read from the
+  mapped files: only that part's pages are touched."""
+  shape = spec.layer_shape(config)
+  index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+
+  def read(name: str, table_shape: tuple[int, ...], part) -> np.ndarray:
+    stored = table_shape[:-2] + table_shape[::-1][:2] if source.transpose else table_shape
+    view = files.view(name, tuple(stored))
+    if source.transpose:
+      *lead, rows, cols = part
+      return np.asarray(view[(*lead, cols, rows)]).swapaxes(-1, -2)
+    return np.asarray(view[part])
+
+  if not source.per_expert:
+    return read(source.name.format(layer=layer), shape, index)
+  experts = range(shape[0])[index[0]]
+  return np.stack([read(source.name.format(layer=layer, expert=expert), shape[1:], index[1:])
+                   for expert in experts])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stack, leaf, layer):
+  """stack [L, ...] with layer `layer` replaced by leaf, in place (the stack is donated)."""
+  return stack.at[layer].set(leaf)
+
+
+def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | None = None,
+         dtype=None):
+  """The stacked params of the Hugging Face checkpoint at `path`, on the device(s).
+
+  Each table entry is built in its final layout (`sharding`'s, or the default
+  device): one layer at a time, each device's part read as a slice of the
+  mapped safetensors files (`jax.make_array_from_callback`), then written into
+  its slot of the stack. Weights keep the checkpoint's dtype, or `dtype`.
+  """
+  root = pathlib.Path(path)
+  hf = read_hf_config(root)
+  loaded_config = model_config(hf, root / CONFIG_FILE)
+  if config is not None and config != loaded_config:
+    raise CheckpointError(f"the config passed differs from {root / CONFIG_FILE}; pass "
+                          "config=None to use the checkpoint's own")
+  config = loaded_config
+  if sharding is not None:
+    sharding.check_config(config)
+  sources = SOURCES[hf["model_type"]]
+  files = _Files(root)
+  device = jax.devices()[0]
+  flat = {}
+  for spec in P.params_for(config):
+    source = sources.get(spec.name)
+    if source is None:
+      raise CheckpointError(f"{hf['model_type']} checkpoints have no source for {spec.name}")
+    if sharding is None:
+      whole = layer_sharding = jax.sharding.SingleDeviceSharding(device)
+    else:
+      whole = sharding.sharding(sharding.spec(spec.stored_axes()))
+      layer_sharding = sharding.sharding(sharding.spec(spec.axes))
+    first = source.name.format(layer=0, expert=0)
+    stored_dtype = files.view(first, _hf_shape(source, spec, config)).dtype
+    target_dtype = jnp.dtype(dtype or stored_dtype)
+
+    def part(index, layer=None, spec=spec, source=source):
+      return _read_block(files, source, spec, config, layer, index).astype(target_dtype)
+
+    if not spec.per_layer:
+      flat[spec.path] = jax.make_array_from_callback(spec.layer_shape(config), whole, part)
+      continue
+    stack = jax.jit(functools.partial(jnp.zeros, spec.stored_shape(config), target_dtype),
+                    out_shardings=whole)()
+    for layer in range(config.num_layers):
+      leaf = jax.make_array_from_callback(spec.layer_shape(config), layer_sharding,
+                                          functools.partial(part, layer=layer))
+      stack = _write_layer(stack, leaf, layer)
+    flat[spec.path] = jax.block_until_ready(stack)
+  return config, P.unflatten(flat)
+
+
+def _hf_shape(source: Source, spec: P.ParamSpec, config: ModelConfig) -> tuple[int, ...]:
+  """The shape of one Hugging Face tensor of `source` (one expert's, for per-expert ones)."""
+  shape = spec.layer_shape(config)[1 if source.per_expert else 0:]
+  return tuple(shape[:-2]) + tuple(shape[::-1][:2]) if source.transpose else tuple(shape)
