@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 import sentencepiece as spm
 
 from grok_moe.config import ModelConfig
-from grok_moe.errors import TokenizerError
+from grok_moe.errors import InputError, TokenizerError
 
 
 class Tokenizer:
@@ -37,13 +38,41 @@ class Tokenizer:
           f"is {config.vocab_size}; use the tokenizer the checkpoint was trained with")
 
   def encode(self, text: str) -> list[int]:
+    """The ids of `text`, without BOS; InputError for anything but valid Unicode text."""
+    _check_text(text)
     return list(self.processor.EncodeAsIds(text))
 
-  def decode(self, ids) -> str:
+  def unknown_characters(self, text: str) -> list[str]:
+    """The distinct characters of `text` that encode as <unk>, in order of appearance.
+
+    Consecutive unknown characters share one <unk>, so they are found by
+    encoding each distinct character alone, and only when <unk> occurs at all.
+    """
+    unknown = self.processor.unk_id()
+    if unknown not in self.encode(text):
+      return []
+    return [char for char in dict.fromkeys(text)
+            if unknown in self.processor.EncodeAsIds(char)]
+
+  def decode(self, ids: Iterable[int]) -> str:
     return self.processor.DecodeIds([int(i) for i in ids])
 
   def piece(self, token_id: int) -> str:
     return self.processor.IdToPiece(int(token_id))
+
+
+def _check_text(text) -> None:
+  """InputError unless `text` is a str that UTF-8 can encode (no lone surrogates)."""
+  if not isinstance(text, str):
+    raise InputError(f"text must be a str, got {type(text).__name__}")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as error:
+    char = text[error.start]
+    raise InputError(
+        f"the text holds U+{ord(char):04X} at character {error.start}, which is not valid "
+        "Unicode (a byte that was not UTF-8, decoded with surrogateescape); pass text "
+        "decoded from valid UTF-8") from None
 
 
 class TextStream:
