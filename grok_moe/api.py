@@ -43,7 +43,7 @@ def default_dtype(mesh=None) -> str:
 
 
 def find_tokenizer(checkpoint_path: str | os.PathLike) -> str | None:
-  """tokenizer.model beside ckpt-0, or one level up (checkpoints/ for the release); None if absent."""
+  """tokenizer.model beside ckpt-0, or one level up (checkpoints/ for the release), or None."""
   path = pathlib.Path(checkpoint_path)
   root = path.parent if path.name == checkpoint.TENSOR_DIR else path
   for candidate in (root / TOKENIZER_FILE, root.parent / TOKENIZER_FILE):
