@@ -209,9 +209,10 @@ def read_prompt(args, say) -> str:
       args.prompt.encode("utf-8")
     except UnicodeEncodeError as error:
       # Arguments that are not UTF-8 arrive with each bad byte as a surrogate U+DC80..U+DCFF.
-      byte = ord(args.prompt[error.start]) - 0xDC00
-      raise InputError(f"--prompt is not valid UTF-8 (byte 0x{byte:02x} at character "
-                       f"{error.start}); pass UTF-8 text") from None
+      code = ord(args.prompt[error.start])
+      what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+      raise InputError(f"--prompt is not valid UTF-8 ({what} at character {error.start}); "
+                       "pass UTF-8 text") from None
     return args.prompt
   if sys.stdin is None:
     return ""
@@ -234,11 +235,13 @@ def config_from_flag(text: str | None):
   if text in grok_moe.PRESETS:
     return grok_moe.PRESETS[text]
   try:
-    return grok_moe.ModelConfig.from_json(pathlib.Path(text).read_text())
-  except OSError as error:
-    raise grok_moe.ConfigError(f"cannot read --config {text}: {error.strerror}; give a "
-                               f"preset ({', '.join(grok_moe.PRESETS)}) or a config.json"
-                               ) from None
+    return grok_moe.ModelConfig.from_json(pathlib.Path(text).read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError) as error:
+    reason = error.strerror if isinstance(error, OSError) else "not a UTF-8 text file"
+    raise grok_moe.ConfigError(f"cannot read --config {text}: {reason}; give a preset "
+                               f"({', '.join(grok_moe.PRESETS)}) or a config.json") from None
+  except grok_moe.ConfigError as error:
+    raise grok_moe.ConfigError(f"--config {text}: {error}") from None
 
 
 def _saved_config_file(path: pathlib.Path) -> pathlib.Path:

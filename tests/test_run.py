@@ -165,6 +165,7 @@ BAD_INPUT = [
     (["--prompt", "x", "--tokenizer", "{root}/wide.model"], "vocabulary"),
     (["--prompt", "x", "--config", "tiny"], "--config tiny differs from"),
     (["--prompt", "x", "--config", "{root}/none.json"], "cannot read --config"),
+    (["--prompt", "x", "--config", "{ckpt}/ckpt-0/tensor00000_000"], "not a UTF-8 text file"),
     (["--prompt", "ROMEO\udcff:"], "--prompt is not valid UTF-8 (byte 0xff at character 5)"),
 ]
 
