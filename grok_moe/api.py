@@ -245,9 +245,12 @@ class Model:
           "or use the token-level methods generate_tokens, logits and routing")
     return self.tokenizer
 
+  def encode(self, text: str) -> list[int]:
+    """The token ids of `text` as the text methods encode it (no BOS), with an
+    UnknownCharactersWarning naming the characters that become <unk>."""
+    return self._encode(text)
+
   def _encode(self, text: str) -> list[int]:
-    """The ids of `text`; warns (UnknownCharactersWarning) naming the characters that
-    become <unk>."""
     tokenizer = self._require_tokenizer()
     ids = tokenizer.encode(text)
     unknown = tokenizer.unknown_characters(text)

@@ -366,8 +366,10 @@ def complete(args) -> int:
   say(f"loaded in {time.perf_counter() - start:.1f} s")
 
   with warnings.catch_warnings():
-    warnings.simplefilter("always", grok_moe.errors.UnknownCharactersWarning)
     warnings.showwarning = _say_warnings_in_one_line(say)
+    warnings.simplefilter("always", grok_moe.errors.UnknownCharactersWarning)
+    model.encode(prompt)  # names the unknown characters before the prompt is echoed
+    warnings.simplefilter("ignore", grok_moe.errors.UnknownCharactersWarning)  # stream: again
     show(prompt)
     for piece in model.stream(prompt, stop=args.stop, truncate=args.truncate, **settings):
       show(piece)

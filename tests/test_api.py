@@ -125,7 +125,7 @@ def test_unknown_characters_warn_naming_them(model):
   assert len(caught) == 1
   message = str(caught[0].message)
   assert "'é' (U+00E9), '~' (U+007E)" in message and "<unk>" in message
-  for call in (lambda: model.score("é"), lambda: model.logits("é")):
+  for call in (lambda: model.score("é"), lambda: model.logits("é"), lambda: model.encode("é")):
     with pytest.warns(UnknownCharactersWarning, match="U\\+00E9"):
       call()
   with warnings.catch_warnings():
@@ -234,7 +234,7 @@ def test_generation_stats_leave_the_two_compiling_steps_out_of_the_decode_rate()
 
 
 PUBLIC_METHODS = ("__init__", "from_checkpoint", "generate", "stream", "generate_tokens",
-                  "logits", "score", "routing")
+                  "logits", "score", "routing", "encode")
 
 
 def test_public_signatures_are_typed_and_the_package_says_so():

@@ -137,8 +137,9 @@ def test_truncate_keeps_the_end_of_a_long_prompt(capsys, monkeypatch, tiny_check
 
 
 def test_unknown_characters_are_named_on_stderr(capsys, monkeypatch, tiny_checkpoint):
-  """Characters the tokenizer has no piece for are named in one `warning:` line (item 9):
-  catches them turning into <unk> silently, or a multi-line warning with a source line."""
+  """Characters the tokenizer has no piece for are named in one `warning:` line (item 9),
+  before the prompt is echoed: catches them turning into <unk> silently, a multi-line
+  warning with a source line, or the warning landing in the middle of the text."""
   result = main(capsys, monkeypatch, "--checkpoint", tiny_checkpoint, "--prompt", "ROMEO: é~",
                 "--max-new-tokens", 2, "--temperature", 0)
   assert result.returncode == 0, result.stderr
@@ -146,6 +147,12 @@ def test_unknown_characters_are_named_on_stderr(capsys, monkeypatch, tiny_checkp
   assert len(warnings) == 1 and "'é' (U+00E9)" in warnings[0] and "'~' (U+007E)" in warnings[0]
   assert "<unk>" in warnings[0] and "'R'" not in warnings[0]
   assert "warnings.warn" not in result.stderr and "UserWarning" not in result.stderr
+  terminal = io.StringIO()  # stdout and stderr interleaved, as on a terminal
+  monkeypatch.setattr(sys, "stdout", terminal)
+  monkeypatch.setattr(sys, "stderr", terminal)
+  assert cli.main(["--checkpoint", str(tiny_checkpoint), "--prompt", "ROMEO: é~",
+                   "--max-new-tokens", "2", "--temperature", "0"]) == 0
+  assert terminal.getvalue().index("warning:") < terminal.getvalue().index("ROMEO: é~")
 
 
 BAD_INPUT = [
