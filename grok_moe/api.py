@@ -117,7 +117,10 @@ def _id_row(row, name: str) -> list[int]:
   if isinstance(row, (str, bytes)) or row is None:
     raise InputError(f"{name} must be token ids (integers), got {_kind(row)}; for text "
                      "use generate")
-  ids = np.asarray(row)
+  try:
+    ids = np.asarray(row)
+  except ValueError:  # nested lists of different lengths
+    ids = np.asarray(row, dtype=object)
   if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
     raise InputError(f"{name} must be a list of integer token ids, got an array of shape "
                      f"{ids.shape} and dtype {ids.dtype}")
@@ -131,9 +134,14 @@ def _token_prompts(token_ids) -> tuple[list[list[int]], bool]:
   if not is_ids:
     raise InputError(f"token_ids must be a list of ids or a list of lists of ids, got "
                      f"{_kind(token_ids)}; for text use generate")
-  single = len(token_ids) == 0 or np.ndim(token_ids[0]) == 0
+  if isinstance(token_ids, np.ndarray):
+    single = token_ids.ndim == 1
+  else:
+    single = len(token_ids) == 0 or isinstance(token_ids[0], (numbers.Number, np.generic))
   if single:
     return [_id_row(token_ids, "token_ids")], True
+  if len(token_ids) == 0:
+    raise InputError("token_ids is a batch with no prompts; pass at least one list of ids")
   return [_id_row(row, f"token_ids[{i}]") for i, row in enumerate(token_ids)], False
 
 
