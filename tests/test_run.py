@@ -304,17 +304,18 @@ def test_module_outside_the_clone_finds_checkpoints_in_the_current_directory(tin
   assert found.stdout.startswith("ROMEO:")
 
 
-def take_ctrl_c() -> None:
-  """In the child before it starts: SIGINT as a terminal's foreground program gets it. A
-  parent that ignores SIGINT (a shell's background job, some test runs) passes that on
-  through exec, and Python then never raises KeyboardInterrupt."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Starts run.py with SIGINT as a terminal's foreground program gets it. A parent that ignores
+# SIGINT (a shell's background job, some test runs) passes that on through exec, and Python
+# then never raises KeyboardInterrupt; resetting it in a preexec_fn would fork this
+# multithreaded process, so a small Python resets it and execs run.py instead.
+TAKE_CTRL_C = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
 
 
 def start(*args, **popen_args) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, str(REPO / "run.py"), *map(str, args)], cwd=REPO,
-                          env=subprocess_env(), stderr=subprocess.PIPE, preexec_fn=take_ctrl_c,
-                          **popen_args)
+  return subprocess.Popen([sys.executable, "-c", TAKE_CTRL_C, str(REPO / "run.py"),
+                           *map(str, args)], cwd=REPO, env=subprocess_env(),
+                          stderr=subprocess.PIPE, **popen_args)
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
