@@ -1,36 +1,152 @@
-"""`Model`: a loaded Grok-style model with its tokenizer, for notebooks and run.py."""
+"""`Model`: a loaded Grok-style model with its tokenizer, for notebooks and the command line."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 import os
 import pathlib
 import time
-from typing import Iterator, Sequence
+import warnings
+from typing import Any, Iterator, Mapping, Sequence, Union, overload
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok_moe import checkpoint, compilation, model, sampling
+from grok_moe import checkpoint, compilation, hf_checkpoint, model, sampling
 from grok_moe import params as param_table
 from grok_moe.config import ModelConfig
-from grok_moe.errors import InputError, TokenizerError
+from grok_moe.errors import (CheckpointError, InputError, TokenizerError,
+                             UnknownCharactersWarning)
 from grok_moe.model import Routing
 from grok_moe.sharding import ShardingPlan, fetch
-from grok_moe.tokenizer import TextStream, Tokenizer
+from grok_moe.tokenizer import TextStream, Tokenizer, open_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")  # SentencePiece, Hugging Face
+SEED_LIMIT = 2 ** 32  # PRNGKey keeps the low 32 bits of a seed: larger ones repeat smaller ones
+
+# Token ids: one prompt (a list of ids or a [T] array), or a batch (lists, or a [B, T] array).
+TokenIds = Union[Sequence[int], np.ndarray]
+TokenBatch = Union[Sequence[Sequence[int]], np.ndarray]
+Dtype = Union[str, type, np.dtype, None]
+Params = Mapping[str, Any]  # Haiku params, named as the release: {module: {name: array}}
 
 
-def _find_tokenizer(checkpoint_path) -> str:
-  """tokenizer.model beside ckpt-0, or one level up (checkpoints/ for the release)."""
+def default_dtype(mesh=None) -> str:
+  """The activation dtype used when none is given, by `Model` and the command line alike:
+  float32 on CPU (bfloat16 is emulated there, slower and less exact), bfloat16 on GPU/TPU.
+  The platform is that of `mesh`'s devices, or jax's default backend."""
+  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def find_tokenizer(checkpoint_path: str | os.PathLike) -> str | None:
+  """tokenizer.model (or a Hugging Face tokenizer.json) beside ckpt-0, or one level up
+  (checkpoints/ for the release), or None."""
   path = pathlib.Path(checkpoint_path)
   root = path.parent if path.name == checkpoint.TENSOR_DIR else path
-  for candidate in (root / TOKENIZER_FILE, root.parent / TOKENIZER_FILE):
-    if candidate.is_file():
-      return os.fspath(candidate)
-  raise TokenizerError(f"no {TOKENIZER_FILE} found beside {root}; pass tokenizer=PATH "
-                       "(--tokenizer) with the checkpoint's SentencePiece model")
+  for directory in (root, root.parent):
+    for name in TOKENIZER_FILES:
+      if (directory / name).is_file():
+        return os.fspath(directory / name)
+  return None
+
+
+def _kind(value) -> str:
+  """How an error message names a bad argument: its type, and the value when short."""
+  text = repr(value)
+  return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
+
+
+def _integer(name: str, value) -> int:
+  """`value` as a Python int (numpy integers accepted); InputError for floats, bools, None."""
+  if isinstance(value, (bool, np.bool_)):
+    raise InputError(f"{name} must be an integer, got {_kind(value)}")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise InputError(f"{name} must be an integer, got {_kind(value)}") from None
+
+
+def _real(name: str, value) -> float:
+  """`value` as a finite Python float (ints and numpy scalars accepted)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise InputError(f"{name} must be a number, got {_kind(value)}")
+  if not math.isfinite(value):
+    raise InputError(f"{name} must be finite, got {value}")
+  return float(value)
+
+
+def _sampling_config(max_new_tokens, temperature, top_p, top_k, seed) -> sampling.SamplingConfig:
+  """The settings as Python numbers, checked; each InputError names the argument."""
+  seed = _integer("seed", seed)
+  if not 0 <= seed < SEED_LIMIT:
+    raise InputError(f"seed must be in [0, 2**32), got {seed} (jax keeps a seed's low 32 "
+                     "bits, so larger seeds repeat smaller ones)")
+  return sampling.SamplingConfig(
+      max_new_tokens=_integer("max_new_tokens", max_new_tokens),
+      temperature=_real("temperature", temperature), top_p=_real("top_p", top_p),
+      top_k=_integer("top_k", top_k), seed=seed)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+  """`stop` (None, a str, or a sequence of str) as a tuple of str."""
+  if stop is None:
+    return ()
+  if isinstance(stop, str):
+    return (stop,)
+  if isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
+    return tuple(stop)
+  raise InputError(f"stop must be a str or a list of str, got {_kind(stop)}")
+
+
+def _text_prompts(prompt) -> list[str]:
+  """A str, or a non-empty sequence of str, as a list of prompts."""
+  if isinstance(prompt, str):
+    return [prompt]
+  if isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+    return list(prompt)
+  if isinstance(prompt, Sequence) and not prompt:
+    raise InputError("generate needs a prompt: pass a str, or a non-empty list of str")
+  raise InputError(f"the prompt must be a str or a non-empty list of str, got {_kind(prompt)}"
+                   " (for token ids use generate_tokens)")
+
+
+def _id_row(row, name: str) -> list[int]:
+  """One prompt of token ids as a list of Python ints; InputError for anything but integers."""
+  if isinstance(row, (str, bytes)) or row is None:
+    raise InputError(f"{name} must be token ids (integers), got {_kind(row)}; for text "
+                     "use generate")
+  try:
+    ids = np.asarray(row)
+  except ValueError:  # nested lists of different lengths
+    ids = np.asarray(row, dtype=object)
+  if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+    raise InputError(f"{name} must be a list of integer token ids, got an array of shape "
+                     f"{ids.shape} and dtype {ids.dtype}")
+  return [int(t) for t in ids]
+
+
+def _token_prompts(token_ids) -> tuple[list[list[int]], bool]:
+  """(prompts, single): one list of ids (possibly empty), or a non-empty batch of them."""
+  is_ids = isinstance(token_ids, np.ndarray) and token_ids.ndim > 0 or (
+      isinstance(token_ids, Sequence) and not isinstance(token_ids, (str, bytes)))
+  if not is_ids:
+    raise InputError(f"token_ids must be a list of ids or a list of lists of ids, got "
+                     f"{_kind(token_ids)}; for text use generate")
+  if isinstance(token_ids, np.ndarray):
+    single = token_ids.ndim == 1
+  else:
+    single = len(token_ids) == 0 or isinstance(token_ids[0], (numbers.Number, np.generic))
+  if single:
+    return [_id_row(token_ids, "token_ids")], True
+  if len(token_ids) == 0:
+    raise InputError("token_ids is a batch with no prompts; pass at least one list of ids")
+  return [_id_row(row, f"token_ids[{i}]") for i, row in enumerate(token_ids)], False
 
 
 @dataclasses.dataclass
@@ -76,18 +192,22 @@ class Model:
     >>> print(model.generate("ROMEO:", max_new_tokens=20, temperature=0))
   """
 
-  def __init__(self, params, config: ModelConfig, tokenizer: Tokenizer | None = None,
-               dtype="bfloat16", sharding: ShardingPlan | None = None,
+  def __init__(self, params: Params, config: ModelConfig, tokenizer: Tokenizer | None = None,
+               dtype: Dtype = None, sharding: ShardingPlan | None = None,
                compilation_cache=None):
-    """`sharding` runs the model on a mesh (see grok_moe.sharding); params not yet
-    placed by it are placed now. `compilation_cache` is the directory of JAX's
-    persistent compilation cache (None: $GROK_MOE_COMPILATION_CACHE, else
-    ~/.cache/grok_moe/jax; False: off; see grok_moe.compilation)."""
+    """`dtype` is that of the activations, default `default_dtype()` (float32 on CPU,
+    bfloat16 on GPU/TPU). `sharding` runs the model on a mesh (see grok_moe.sharding);
+    params not yet placed by it are placed now. Without a tokenizer the token-level
+    methods work and the text methods raise TokenizerError. `compilation_cache` is the
+    directory of JAX's persistent compilation cache (None: $GROK_MOE_COMPILATION_CACHE,
+    else ~/.cache/grok_moe/jax; False: off; see grok_moe.compilation)."""
     self.compilation_cache = compilation.use_persistent_cache(compilation_cache)
     self._compile_timer = compilation.CompileTimer()
     if sharding is not None:
       sharding.check_config(config)
       params = sharding.shard_params(params)
+    if dtype is None:
+      dtype = default_dtype(None if sharding is None else sharding.mesh)
     self.params = param_table.as_stacked(params, config)
     self.config = config
     self.tokenizer = tokenizer
@@ -98,28 +218,44 @@ class Model:
       tokenizer.check_fits(config)
 
   @classmethod
-  def from_checkpoint(cls, path, config: ModelConfig | None = None,
+  def from_checkpoint(cls, path: str | os.PathLike, config: ModelConfig | None = None,
                       tokenizer: Tokenizer | str | os.PathLike | None = None,
-                      mesh=None, dtype="bfloat16", progress: bool = True,
-                      moe_sharding: str = "tensor", compilation_cache=None) -> "Model":
-    """Loads a release-format checkpoint (a directory holding ckpt-0/, or ckpt-0/ itself).
+                      mesh: jax.sharding.Mesh | None = None, dtype: Dtype = None,
+                      progress: bool = True, moe_sharding: str = "tensor",
+                      compilation_cache=None) -> "Model":
+    """Loads a checkpoint: release format (a directory holding ckpt-0/, or ckpt-0/ itself),
+    or a Hugging Face directory of a supported family (config.json with its model_type
+    and *.safetensors: Mixtral, Qwen2-MoE, Qwen3-MoE; see grok_moe.hf_checkpoint).
 
     The config comes from config.json beside ckpt-0 (Grok-1 for the release);
     the tokenizer from `tokenizer` or tokenizer.model beside the checkpoint.
-    With `mesh` (grok_moe.make_mesh) each tensor goes straight into its
-    shards as it is read, and the model runs on the mesh; `moe_sharding` is
-    "tensor" (every device a slice of every expert) or "expert" (whole experts).
+    Without either, the model loads without one: generate_tokens, logits and
+    routing work, and the text methods raise TokenizerError. `dtype` is that
+    of the activations, default float32 on CPU and bfloat16 on GPU/TPU (as the
+    command line). With `mesh` (grok_moe.make_mesh) each tensor goes straight
+    into its shards as it is read, and the model runs on the mesh;
+    `moe_sharding` is "tensor" (every device a slice of every expert) or
+    "expert" (whole experts).
 
     Example:
-      >>> model = Model.from_checkpoint("checkpoints/demo", dtype="float32")
+      >>> model = Model.from_checkpoint("checkpoints/demo")
       >>> grok = Model.from_checkpoint("checkpoints", mesh=grok_moe.make_mesh(1, 8))
     """
+    if pathlib.Path(path).exists() and not pathlib.Path(path).is_dir():
+      raise CheckpointError(f"{path} is a file, not a checkpoint; pass the directory that "
+                            f"holds {checkpoint.TENSOR_DIR}/ (or {checkpoint.TENSOR_DIR}/ itself)")
     config = checkpoint.checkpoint_config(path, config)
     plan = None if mesh is None else ShardingPlan(config, mesh, moe_sharding)
-    if not isinstance(tokenizer, Tokenizer):
-      tokenizer = Tokenizer(tokenizer if tokenizer is not None else _find_tokenizer(path))
-    tokenizer.check_fits(config)
-    params = checkpoint.load_checkpoint(path, config, progress=progress, sharding=plan)
+    if tokenizer is None:
+      tokenizer = find_tokenizer(path)
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+      tokenizer = open_tokenizer(tokenizer)
+    if tokenizer is not None:
+      tokenizer.check_fits(config)
+    if hf_checkpoint.is_hf_checkpoint(path):
+      _, params = hf_checkpoint.load(path, config, sharding=plan)
+    else:
+      params = checkpoint.load_checkpoint(path, config, progress=progress, sharding=plan)
     return cls(params, config, tokenizer, dtype, sharding=plan,
                compilation_cache=compilation_cache)
 
@@ -127,20 +263,38 @@ class Model:
 
   def _require_tokenizer(self) -> Tokenizer:
     if self.tokenizer is None:
-      raise TokenizerError("this Model has no tokenizer; pass one to Model(...) or "
-                           "use the token-level methods")
+      raise TokenizerError(
+          "this Model has no tokenizer (none was given and no tokenizer.model was found "
+          "beside the checkpoint): pass tokenizer=PATH to Model.from_checkpoint or Model, "
+          "or use the token-level methods generate_tokens, logits and routing")
     return self.tokenizer
 
-  def _stream_rows(self, prompts: Sequence[str], stop, truncate, settings) -> Iterator[list[str]]:
+  def encode(self, text: str) -> list[int]:
+    """The token ids of `text` as the text methods encode it (no BOS), with an
+    UnknownCharactersWarning naming the characters that become <unk>."""
+    return self._encode(text)
+
+  def _encode(self, text: str) -> list[int]:
     tokenizer = self._require_tokenizer()
-    stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    ids = tokenizer.encode(text)
+    unknown = tokenizer.unknown_characters(text)
+    if unknown:
+      named = ", ".join(f"{char!r} (U+{ord(char):04X})" for char in unknown[:10])
+      more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+      warnings.warn(UnknownCharactersWarning(
+          f"the tokenizer has no piece for {named}{more}: each becomes <unk>"), stacklevel=3)
+    return ids
+
+  def _stream_rows(self, prompts: list[str], stop, truncate,
+                   settings: sampling.SamplingConfig) -> Iterator[list[str]]:
+    tokenizer = self._require_tokenizer()
+    stop = _stop_strings(stop)
     streams = [TextStream(tokenizer, stop) for _ in prompts]
-    ids = [tokenizer.encode(prompt) for prompt in prompts]
+    ids = [self._encode(prompt) for prompt in prompts]
     stats = self.last_stats = GenerationStats()
     compiled_before = self._compile_timer.seconds
     start = time.perf_counter()
-    for step in sampling.generate(self.params, self.config, ids,
-                                  sampling.SamplingConfig(**settings), dtype=self.dtype,
+    for step in sampling.generate(self.params, self.config, ids, settings, dtype=self.dtype,
                                   truncate=truncate, vocab_limit=tokenizer.vocab_size,
                                   sharding=self.sharding):
       stats.add_step(int(step.active.sum()), time.perf_counter() - start)
@@ -157,21 +311,33 @@ class Model:
         return
     yield [stream.finish() for stream in streams]
 
+  @overload
+  def generate(self, prompt: str, *, max_new_tokens: int = ..., temperature: float = ...,
+               top_p: float = ..., top_k: int = ..., seed: int = ...,
+               stop: str | Sequence[str] | None = ..., truncate: bool = ...) -> str: ...
+
+  @overload
+  def generate(self, prompt: Sequence[str], *, max_new_tokens: int = ...,
+               temperature: float = ..., top_p: float = ..., top_k: int = ..., seed: int = ...,
+               stop: str | Sequence[str] | None = ..., truncate: bool = ...) -> list[str]: ...
+
   def generate(self, prompt: str | Sequence[str], *, max_new_tokens: int = 64,
                temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
-               stop: str | Sequence[str] | None = None, truncate: bool = False):
+               stop: str | Sequence[str] | None = None,
+               truncate: bool = False) -> str | list[str]:
     """Completes a prompt (str -> str) or a batch of prompts (list -> list), at once.
 
     Stops at EOS, after max_new_tokens, or before the first stop string.
-    temperature=0 is greedy. An empty prompt starts from BOS.
+    temperature=0 is greedy. An empty prompt starts from BOS. Characters the
+    tokenizer does not know become <unk>, with an UnknownCharactersWarning.
+    seed is in [0, 2**32).
 
     Example:
       >>> model.generate(["ROMEO:", "JULIET:"], max_new_tokens=16, seed=1)
     """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = _text_prompts(prompt)
     texts = [""] * len(prompts)
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    top_k=top_k, seed=seed)
+    settings = _sampling_config(max_new_tokens, temperature, top_p, top_k, seed)
     for pieces in self._stream_rows(prompts, stop, truncate, settings):
       texts = [text + piece for text, piece in zip(texts, pieces)]
     return texts[0] if isinstance(prompt, str) else texts
@@ -185,41 +351,59 @@ class Model:
       >>> for piece in model.stream("ROMEO:", max_new_tokens=32):
       ...   print(piece, end="", flush=True)
     """
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    top_k=top_k, seed=seed)
+    if not isinstance(prompt, str):
+      raise InputError(f"stream takes one prompt, a str, got {_kind(prompt)}; to complete "
+                       "several at once, pass a list to generate")
+    settings = _sampling_config(max_new_tokens, temperature, top_p, top_k, seed)
     for (piece,) in self._stream_rows([prompt], stop, truncate, settings):
       if piece:
         yield piece
 
   # --- Tokens in, tokens out. ---
 
-  def generate_tokens(self, token_ids, *, max_new_tokens: int = 64, temperature: float = 0.8,
-                      top_p: float = 0.95, top_k: int = 0, seed: int = 0,
-                      truncate: bool = False):
+  @overload
+  def generate_tokens(self, token_ids: Sequence[int], *, max_new_tokens: int = ...,
+                      temperature: float = ..., top_p: float = ..., top_k: int = ...,
+                      seed: int = ..., truncate: bool = ...) -> list[int]: ...
+
+  @overload
+  def generate_tokens(self, token_ids: TokenBatch, *, max_new_tokens: int = ...,
+                      temperature: float = ..., top_p: float = ..., top_k: int = ...,
+                      seed: int = ..., truncate: bool = ...) -> list[list[int]]: ...
+
+  def generate_tokens(self, token_ids: TokenIds | TokenBatch, *, max_new_tokens: int = 64,
+                      temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0,
+                      seed: int = 0, truncate: bool = False) -> list[int] | list[list[int]]:
     """New token ids for one prompt (list of ids -> list) or a batch (list of lists).
 
-    EOS ends a row and is not returned.
+    EOS ends a row and is not returned. With a tokenizer, only ids it can
+    decode are drawn (as generate does); without one, any id of the model's
+    vocabulary. An empty prompt starts from BOS.
 
     Example:
       >>> model.generate_tokens([1, 523, 88], max_new_tokens=8, temperature=0)
     """
-    single = len(token_ids) == 0 or np.ndim(token_ids[0]) == 0
-    prompts = [list(token_ids)] if single else [list(row) for row in token_ids]
-    settings = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                       top_p=top_p, top_k=top_k, seed=seed)
+    prompts, single = _token_prompts(token_ids)
+    settings = _sampling_config(max_new_tokens, temperature, top_p, top_k, seed)
+    vocab_limit = None if self.tokenizer is None else self.tokenizer.vocab_size
     rows: list[list[int]] = [[] for _ in prompts]
     for step in sampling.generate(self.params, self.config, prompts, settings,
-                                  dtype=self.dtype, truncate=truncate, sharding=self.sharding):
+                                  dtype=self.dtype, truncate=truncate, vocab_limit=vocab_limit,
+                                  sharding=self.sharding):
       for row, token in enumerate(step.tokens):
         if step.active[row] and token != self.config.eos_token:
           rows[row].append(int(token))
     return rows[0] if single else rows
 
-  def _token_batch(self, tokens) -> np.ndarray:
+  def _token_batch(self, tokens: str | TokenIds | TokenBatch) -> np.ndarray:
     """str, list of ids, or [B, T] ids -> int32 [B, T], checked against the vocabulary."""
     if isinstance(tokens, str):
-      tokens = [self._require_tokenizer().encode(tokens) or [self.config.bos_token]]
-    batch = np.asarray(tokens)
+      tokens = [self._encode(tokens) or [self.config.bos_token]]
+    try:
+      batch = np.asarray(tokens)
+    except ValueError:  # rows of different lengths
+      raise InputError("the rows of a batch of token ids must all have the same length; "
+                       "pad them, or call once per row") from None
     if batch.ndim == 1:
       batch = batch[None, :]
     if batch.ndim != 2 or batch.shape[1] == 0 or not np.issubdtype(batch.dtype, np.integer):
@@ -232,7 +416,7 @@ class Model:
                        f"{self.config.sequence_len}; split the input")
     return batch.astype(np.int32)
 
-  def logits(self, tokens) -> np.ndarray:
+  def logits(self, tokens: str | TokenIds | TokenBatch) -> np.ndarray:
     """float32 logits [B, T, V] for token ids [B, T] (or one list of ids -> [1, T, V]).
 
     Example:
@@ -249,8 +433,7 @@ class Model:
     Example:
       >>> model.score("To be, or not to be").sum()   # total log-likelihood in nats
     """
-    tokenizer = self._require_tokenizer()
-    ids = tokenizer.encode(text)
+    ids = self._encode(text)
     if not ids:
       raise InputError("score needs a non-empty text")
     batch = self._token_batch([self.config.bos_token] + ids)
@@ -259,7 +442,7 @@ class Model:
     log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)  # [T, V]
     return log_probs[np.arange(len(ids)), ids].astype(np.float32)
 
-  def routing(self, text_or_tokens) -> Routing:
+  def routing(self, text_or_tokens: str | TokenIds | TokenBatch) -> Routing:
     """The experts each token went to, per layer, with their gates.
 
     A text or one list of ids gives arrays [L, T, k]; a batch [B, T] gives

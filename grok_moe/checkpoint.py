@@ -49,7 +49,7 @@ import ml_dtypes
 import numpy as np
 import tqdm
 
-from grok_moe import checkpoint_dir, config_file, manifest
+from grok_moe import checkpoint_dir, config_file, hf_checkpoint, manifest
 from grok_moe import params as param_table
 from grok_moe import quant, release_pickle
 from grok_moe import sharding as sharding_module
@@ -103,8 +103,11 @@ def checkpoint_config(path, config: ModelConfig | None = None) -> ModelConfig:
 
   config.json (inside ckpt-0, else beside it) wins when present (a `config`
   argument must then equal it); without one, `config` is needed, except that
-  a directory of 770 tensors is the Grok-1 release.
+  a directory of 770 tensors is the Grok-1 release. A Hugging Face directory's
+  config is read from its config.json (`hf_checkpoint.model_config`).
   """
+  if hf_checkpoint.is_hf_checkpoint(path):
+    return hf_checkpoint.checkpoint_config(path, config)
   return _config_at(*checkpoint_dir.locate(path), config)
 
 

@@ -1,4 +1,4 @@
-"""The exceptions grok_moe raises for bad input: each message says what to do."""
+"""The exceptions grok_moe raises for bad input (each message says what to do), and its warning."""
 
 
 class GrokMoeError(Exception):
@@ -23,3 +23,7 @@ class InputError(GrokMoeError, ValueError):
 
 class MeshError(GrokMoeError, ValueError):
   """A device mesh that does not fit the devices present or cannot split the model."""
+
+
+class UnknownCharactersWarning(UserWarning):
+  """Text holds characters the tokenizer has no piece for; each becomes <unk>."""

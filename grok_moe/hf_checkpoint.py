@@ -167,6 +167,19 @@ def model_config(hf: dict, path="config.json") -> ModelConfig:
     raise CheckpointError(f"{path}: {error}") from None
 
 
+def checkpoint_config(path, config: ModelConfig | None = None) -> ModelConfig:
+  """The ModelConfig of the Hugging Face checkpoint at `path`; a `config` passed must
+  equal it."""
+  root = pathlib.Path(path)
+  loaded = model_config(read_hf_config(root), root / CONFIG_FILE)
+  if config is not None and config != loaded:
+    differing = [field for field, value in config.to_dict().items()
+                 if loaded.to_dict()[field] != value]
+    raise CheckpointError(f"the config passed differs from {root / CONFIG_FILE} in "
+                          f"{differing}; pass config=None to use the checkpoint's own")
+  return loaded
+
+
 # --- Where each tensor of the table comes from. ---
 
 @dataclasses.dataclass(frozen=True)
@@ -325,11 +338,7 @@ def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | No
   """
   root = pathlib.Path(path)
   hf = read_hf_config(root)
-  loaded_config = model_config(hf, root / CONFIG_FILE)
-  if config is not None and config != loaded_config:
-    raise CheckpointError(f"the config passed differs from {root / CONFIG_FILE}; pass "
-                          "config=None to use the checkpoint's own")
-  config = loaded_config
+  config = checkpoint_config(root, config)
   if sharding is not None:
     sharding.check_config(config)
   sources = SOURCES[hf["model_type"]]

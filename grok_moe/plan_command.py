@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 GB = 1e9
+DEFAULT_BATCH = 1
+DEFAULT_PREFILL_CHUNK = 1024
+DEFAULT_DEVICE_MEMORY_GB = 80.0
+# The plan's own flags: given without --plan they are an error (see check_arguments).
+PLAN_ONLY_FLAGS = ("batch", "prompt_len", "cache_len", "prefill_chunk", "num_layers",
+                   "device_memory", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,36 +29,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   plan = parser.add_argument_group(
       "memory plan", "--plan prints what one device holds for --config on --mesh, without "
       "loading any weights. With the mesh's devices present (on a CPU, --cpu-devices N), it "
-      "compiles every program generation runs and prints XLA's figures.")
+      "compiles every program generation runs and prints XLA's figures. These flags are for "
+      "--plan only.")
   plan.add_argument("--plan", action="store_true",
                     help="print the memory plan and exit")
-  plan.add_argument("--batch", type=int, default=1,
-                    help="rows of the batch to plan for (default: %(default)s)")
+  plan.add_argument("--batch", type=int,
+                    help=f"rows of the batch to plan for (default: {DEFAULT_BATCH})")
   plan.add_argument("--prompt-len", type=int,
                     help="prompt tokens to plan for (default: the cache length)")
   plan.add_argument("--cache-len", type=int,
                     help="KV cache length to plan for (default: the config's sequence_len)")
-  plan.add_argument("--prefill-chunk", type=int, default=1024,
+  plan.add_argument("--prefill-chunk", type=int,
                     help="longest prefill pass in tokens; longer prompts are prefilled chunk "
-                    "by chunk (default: %(default)s)")
+                    f"by chunk (default: {DEFAULT_PREFILL_CHUNK})")
   plan.add_argument("--num-layers", type=int,
                     help="override the config's number of decoder layers")
-  plan.add_argument("--device-memory", type=float, default=80.0, metavar="GB",
-                    help="memory of one device in GB (1e9 bytes) (default: %(default)g)")
-  plan.add_argument("--json", action="store_true",
+  plan.add_argument("--device-memory", type=float, metavar="GB",
+                    help="memory of one device in GB (1e9 bytes) "
+                    f"(default: {DEFAULT_DEVICE_MEMORY_GB:g})")
+  plan.add_argument("--json", action="store_const", const=True,
                     help="print the compiled plan as one JSON object")
 
 
 def check_arguments(args, parser: argparse.ArgumentParser) -> None:
-  """parser.error for plan flags no model could have."""
+  """parser.error for plan flags without --plan, and for values no model could have."""
+  if not args.plan:
+    given = [name for name in PLAN_ONLY_FLAGS if getattr(args, name) is not None]
+    if given:
+      flag = "--" + given[0].replace("_", "-")
+      parser.error(f"{flag} is for the memory plan only: add --plan, or leave it out (to "
+                   "complete several prompts as one batch, use Model.generate([...]) in Python)")
+    return
   for flag in ("batch", "prompt_len", "cache_len", "prefill_chunk", "num_layers"):
     value = getattr(args, flag)
     if value is not None and value < 1:
       parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-  if not args.device_memory > 0:
-    parser.error(f"--device-memory must be a positive number of GB, got {args.device_memory:g}")
-  if args.json and not args.plan:
-    parser.error("--json goes with --plan")
+  if args.device_memory is not None and not (args.device_memory > 0
+                                             and math.isfinite(args.device_memory)):
+    parser.error(f"--device-memory must be a positive number of GB, got {args.device_memory}")
 
 
 def run(args, config, config_label: str) -> int:
@@ -72,13 +87,15 @@ def run(args, config, config_label: str) -> int:
     raise InputError(f"--prompt-len {prompt_len} does not fit a cache of {cache_len} tokens; "
                      "raise --cache-len or shorten the prompt")
   data, model_size = (sharding.parse_mesh(args.mesh) if args.mesh else (1, jax.device_count()))
-  device_bytes = args.device_memory * GB
+  device_bytes = (args.device_memory or DEFAULT_DEVICE_MEMORY_GB) * GB
+  batch = args.batch or DEFAULT_BATCH
+  prefill_chunk = args.prefill_chunk or DEFAULT_PREFILL_CHUNK
   needed = data * model_size
   if jax.device_count() >= needed:
     mesh = sharding.make_mesh(data, model_size, devices=jax.devices()[:needed])
     plan = compiled_plan.compiled_plan(
-        config, mesh, moe_mode=args.moe_sharding, batch_size=args.batch, prompt_len=prompt_len,
-        cache_len=cache_len, prefill_chunk=args.prefill_chunk,
+        config, mesh, moe_mode=args.moe_sharding, batch_size=batch, prompt_len=prompt_len,
+        cache_len=cache_len, prefill_chunk=prefill_chunk,
         dtype="bfloat16" if args.dtype == "auto" else args.dtype, device_bytes=device_bytes,
         config_name=config_label)
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.format())
@@ -88,7 +105,7 @@ def run(args, config, config_label: str) -> int:
                                      if jax.default_backend() == "cpu" else ""))
   if args.json:
     raise InputError(f"--json prints the compiled plan, and {hint}")
-  analytic = memory.memory_plan(config, (data, model_size), args.batch, cache_len,
+  analytic = memory.memory_plan(config, (data, model_size), batch, cache_len,
                                 args.moe_sharding)
   print(analytic.format(device_bytes))
   print(f"note: counted from the parameter table, not compiled; {hint}", file=sys.stderr)

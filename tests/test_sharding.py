@@ -33,7 +33,6 @@ from grok_moe.config import GROK_1, TINY
 from grok_moe.errors import MeshError
 from tests import helpers, multiprocess_worker
 from tests.multiprocess_worker import SHARDED
-from tests.test_run import train_tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4
@@ -245,7 +244,6 @@ def test_checkpoint_loads_into_shards_and_model_api_runs_on_the_mesh(tmp_path):
   config = SHARDED
   checkpoint.save_checkpoint(manifest.unflatten(flat_params(config)), tmp_path, config,
                              progress=False)
-  train_tokenizer(tmp_path / "tokenizer.model")
   mesh = sharding.make_mesh(2, 4)
   grok = grok_moe.Model.from_checkpoint(tmp_path, mesh=mesh, moe_sharding="tensor",
                                         dtype="float32", progress=False)

@@ -3,7 +3,7 @@
 import pytest
 
 from grok_moe.config import TINY
-from grok_moe.errors import TokenizerError
+from grok_moe.errors import InputError, TokenizerError
 from grok_moe.tokenizer import TextStream, Tokenizer
 from tests.helpers import train_char_tokenizer
 
@@ -62,3 +62,20 @@ def test_tokenizer_wider_than_the_model_is_refused(tmp_path, tokenizer):
   train_char_tokenizer(wide, extra_pieces=TINY.vocab_size)
   with pytest.raises(TokenizerError, match="vocabulary"):
     Tokenizer(wide).check_fits(TINY)
+
+
+def test_unknown_characters_are_named_once_in_order(tokenizer):
+  """unknown_characters names each character that becomes <unk>, once, in order of
+  appearance, even where several unknown characters share one <unk> piece ("éü"); known
+  text gives none. Catches the warning of item 9 missing or naming known characters."""
+  assert tokenizer.unknown_characters("ROMEO: But soft") == []
+  assert tokenizer.unknown_characters("ROMEO: éü~é!") == ["é", "ü", "~", "!"]
+
+
+def test_text_that_is_not_valid_unicode_is_refused(tokenizer):
+  """A str with a lone surrogate (bytes that were not UTF-8, decoded with surrogateescape)
+  or a non-str gets an InputError, not SentencePiece's "Unable to cast" RuntimeError."""
+  with pytest.raises(InputError, match="U\\+DCFF at character 5"):
+    tokenizer.encode("ROMEO\udcff:")
+  with pytest.raises(InputError, match="must be a str"):
+    tokenizer.encode(b"ROMEO:")
