@@ -194,7 +194,7 @@ class Model:
 
   def __init__(self, params: Params, config: ModelConfig, tokenizer: Tokenizer | None = None,
                dtype: Dtype = None, sharding: ShardingPlan | None = None,
-               compilation_cache=None):
+               compilation_cache: str | os.PathLike | bool | None = None):
     """`dtype` is that of the activations, default `default_dtype()` (float32 on CPU,
     bfloat16 on GPU/TPU). `sharding` runs the model on a mesh (see grok_moe.sharding);
     params not yet placed by it are placed now. Without a tokenizer the token-level
@@ -222,7 +222,7 @@ class Model:
                       tokenizer: Tokenizer | str | os.PathLike | None = None,
                       mesh: jax.sharding.Mesh | None = None, dtype: Dtype = None,
                       progress: bool = True, moe_sharding: str = "tensor",
-                      compilation_cache=None) -> "Model":
+                      compilation_cache: str | os.PathLike | bool | None = None) -> "Model":
     """Loads a checkpoint: release format (a directory holding ckpt-0/, or ckpt-0/ itself),
     or a Hugging Face directory of a supported family (config.json with its model_type
     and *.safetensors: Mixtral, Qwen2-MoE, Qwen3-MoE; see grok_moe.hf_checkpoint).

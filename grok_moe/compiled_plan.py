@@ -93,7 +93,7 @@ class CompiledPlan:
         f"compiled memory plan: {self.config_name} ({self.num_layers} layers) on a "
         f"{data}x{model_size} mesh, MoE sharding {self.moe_mode}; batch {self.batch_size}, "
         f"prompt {self.prompt_len} tokens in chunks of {self.prefill_chunk}, KV cache "
-        f"{self.cache_len} slots, {self.dtype} activations",
+        f"{self.cache_len} tokens, {self.dtype} activations",
         "per device, as XLA reports it (GB = 1e9 bytes):",
         f"  {'program':<22}{'runs':>6}{'compile':>10}{'arguments':>12}{'temporaries':>13}"
         f"{'outputs':>10}{'reused':>9}{'peak':>9}",

@@ -63,7 +63,7 @@ def check_arguments(args, parser: argparse.ArgumentParser) -> None:
   for flag in ("batch", "prompt_len", "cache_len", "prefill_chunk", "num_layers"):
     value = getattr(args, flag)
     if value is not None and value < 1:
-      parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+      parser.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
   if args.device_memory is not None and not (args.device_memory > 0
                                              and math.isfinite(args.device_memory)):
     parser.error(f"--device-memory must be a positive number of GB, got {args.device_memory}")
