@@ -213,6 +213,54 @@ def _held_bytes(program: compiled_plan.ProgramMemory) -> int:
   return program.argument_bytes + program.temp_bytes
 
 
+def _compile_verdict(kind: str, bound: float, pairs, judged: bool) -> list[Verdict]:
+  """The slowest compile of the programs named `kind*` in [(setting, plan)] against
+  `bound` seconds; `judged` False reports it as information."""
+  programs = [(s, p) for s, plan in pairs for p in plan.programs if p.name.startswith(kind)]
+  if not programs:
+    return []
+  setting, slowest = max(programs, key=lambda pair: pair[1].compile_s)
+  where = "" if judged else f" on {setting.mesh[0]}x{setting.mesh[1]} {setting.moe_mode}"
+  return [Verdict(
+      f"{kind} compiles in <= {bound:g} s ({setting.layers} layers{where})",
+      f"{slowest.compile_s:.1f} s (slowest of {len(programs)}: "
+      + ", ".join(f"{p.name} {p.compile_s:.1f} s" for _, p in programs) + ")",
+      slowest.compile_s <= bound if judged else None)]
+
+
+def _layer_ratio_verdicts(main, fewest: int, most: int) -> list[Verdict]:
+  """Per program of the long-prompt settings: compile at `most` layers / at `fewest`."""
+  def by_name(layers):
+    plans = [p for s, p in main if s.layers == layers and s.prompt_len == LONG_PROMPT]
+    return {program.name: program for plan in plans[:1] for program in plan.programs}
+  small, large = by_name(fewest), by_name(most)
+  out = []
+  for name in sorted(small.keys() & large.keys()):
+    ratio = large[name].compile_s / small[name].compile_s
+    out.append(Verdict(
+        f"{name}: compile at {most} layers <= {LAYER_COMPILE_RATIO:g}x at {fewest}",
+        f"{large[name].compile_s:.1f} s / {small[name].compile_s:.1f} s = {ratio:.2f}x",
+        ratio <= LAYER_COMPILE_RATIO))
+  return out
+
+
+def _memory_verdict(setting: Setting, plan: compiled_plan.CompiledPlan) -> Verdict:
+  """A long-prompt setting's largest arguments + temporaries against LONG_PROMPT_BYTES;
+  judged on the main mesh only."""
+  held = max(_held_bytes(p) for p in plan.programs)
+  where = f"{setting.layers} layers on {setting.mesh[0]}x{setting.mesh[1]} {setting.moe_mode}"
+  measured = (f"{_gb(held)} (largest of: "
+              + ", ".join(f"{p.name} {_gb(_held_bytes(p))}" for p in plan.programs) + ")")
+  if setting.mesh[0] > 1:
+    measured += (f"; expected over: the {setting.mesh[0]} data rows each hold the whole "
+                 f"model, so weights alone are {_gb(plan.weight_bytes)} a device and it "
+                 f"{'fits' if plan.fits else 'does not fit'} {plan.device_bytes / GB:g} GB")
+  return Verdict(
+      f"{LONG_PROMPT}-token prompt: arguments + temporaries <= {LONG_PROMPT_BYTES / GB:g} GB "
+      f"a device, every program ({where})",
+      measured, held <= LONG_PROMPT_BYTES if setting.main_mesh else None)
+
+
 def verdicts(results) -> list[Verdict]:
   """The targets (see the module docstring), judged on 1x8 tensor mode at the most layers;
   other meshes' figures against the same bounds, as information."""
@@ -220,57 +268,17 @@ def verdicts(results) -> list[Verdict]:
   main = [(s, p) for s, p in pairs if s.main_mesh]
   most = max(s.layers for s, _ in main)
   fewest = min(s.layers for s, _ in main)
-  out = []
-
-  def compile_verdict(kind: str, bound: float, pairs, judged: bool):
-    programs = [(s, p) for s, plan in pairs for p in plan.programs if p.name.startswith(kind)]
-    if not programs:
-      return
-    setting, slowest = max(programs, key=lambda sp: sp[1].compile_s)
-    where = "" if judged else f" on {setting.mesh[0]}x{setting.mesh[1]} {setting.moe_mode}"
-    out.append(Verdict(
-        f"{kind} compiles in <= {bound:g} s ({setting.layers} layers{where})",
-        f"{slowest.compile_s:.1f} s (slowest of {len(programs)}: "
-        + ", ".join(f"{p.name} {p.compile_s:.1f} s" for _, p in programs) + ")",
-        slowest.compile_s <= bound if judged else None))
-
   at_most = [(s, p) for s, p in main if s.layers == most]
-  compile_verdict("decode_step", DECODE_COMPILE_S, at_most, True)
-  compile_verdict("prefill_chunk", PREFILL_COMPILE_S, at_most, True)
-
+  out = (_compile_verdict("decode_step", DECODE_COMPILE_S, at_most, True)
+         + _compile_verdict("prefill_chunk", PREFILL_COMPILE_S, at_most, True))
   if most > fewest:
-    def by_name(layers):
-      plans = [p for s, p in main if s.layers == layers and s.prompt_len == LONG_PROMPT]
-      return {program.name: program for plan in plans[:1] for program in plan.programs}
-    small, large = by_name(fewest), by_name(most)
-    for name in sorted(small.keys() & large.keys()):
-      ratio = large[name].compile_s / small[name].compile_s
-      out.append(Verdict(
-          f"{name}: compile at {most} layers <= {LAYER_COMPILE_RATIO:g}x at {fewest}",
-          f"{large[name].compile_s:.1f} s / {small[name].compile_s:.1f} s = {ratio:.2f}x",
-          ratio <= LAYER_COMPILE_RATIO))
-
-  for setting, plan in pairs:
-    if setting.prompt_len != LONG_PROMPT or setting.layers != most:
-      continue
-    held = max(_held_bytes(p) for p in plan.programs)
-    where = f"{setting.layers} layers on {setting.mesh[0]}x{setting.mesh[1]} {setting.moe_mode}"
-    measured = (f"{_gb(held)} (largest of: "
-                + ", ".join(f"{p.name} {_gb(_held_bytes(p))}" for p in plan.programs) + ")")
-    if setting.mesh[0] > 1:
-      measured += (f"; expected over: the {setting.mesh[0]} data rows each hold the whole "
-                   f"model, so weights alone are {_gb(plan.weight_bytes)} a "
-                   f"device and it {'fits' if plan.fits else 'does not fit'} "
-                   f"{plan.device_bytes / GB:g} GB")
-    out.append(Verdict(
-        f"{LONG_PROMPT}-token prompt: arguments + temporaries <= {LONG_PROMPT_BYTES / GB:g} GB "
-        f"a device, every program ({where})",
-        measured, held <= LONG_PROMPT_BYTES if setting.main_mesh else None))
-
+    out += _layer_ratio_verdicts(main, fewest, most)
+  out += [_memory_verdict(s, p) for s, p in pairs
+          if s.prompt_len == LONG_PROMPT and s.layers == most]
   for setting, plan in pairs:
     if not setting.main_mesh:
-      compile_verdict("decode_step", DECODE_COMPILE_S, [(setting, plan)], False)
-      compile_verdict("prefill_chunk", PREFILL_COMPILE_S, [(setting, plan)], False)
+      out += (_compile_verdict("decode_step", DECODE_COMPILE_S, [(setting, plan)], False)
+              + _compile_verdict("prefill_chunk", PREFILL_COMPILE_S, [(setting, plan)], False))
   return out
 
 

@@ -169,7 +169,8 @@ def _sampling_device_memory(peak: _LiveBytesPeak) -> None:
   just after it, the old stack too unless it was donated (the doubling the
   bound rules out).
   """
-  write_layer, add = checkpoint._write_layer, checkpoint._StackedTarget.add  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  write_layer, add = checkpoint._write_layer, checkpoint._StackedTarget.add
 
   def sampled_write_layer(stack, leaf, layer):
     peak.sample()
@@ -181,8 +182,8 @@ def _sampling_device_memory(peak: _LiveBytesPeak) -> None:
     add(target, *args, **kwargs)
     peak.sample()
 
-  checkpoint._write_layer = sampled_write_layer  # pylint: disable=protected-access
-  checkpoint._StackedTarget.add = sampled_add  # pylint: disable=protected-access
+  checkpoint._write_layer = sampled_write_layer
+  checkpoint._StackedTarget.add = sampled_add
 
 
 def _measure(root: pathlib.Path, workers: int, mode: str) -> dict:
