@@ -268,8 +268,7 @@ class _StackedTarget:
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layers, *a.shape), a.dtype),
                           first_leaf)
     shardings = self._shardings(spec.path, shapes)
-    zeros = lambda s, sharding: jax.jit(  # noqa: E731
-        functools.partial(jnp.zeros, s.shape, s.dtype), out_shardings=sharding)()
+    zeros = lambda s, sharding: jnp.zeros(s.shape, s.dtype, device=sharding)  # noqa: E731
     return jax.tree.map(zeros, shapes, shardings,
                         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 

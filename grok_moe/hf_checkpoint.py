@@ -364,8 +364,7 @@ def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | No
     if not spec.per_layer:
       flat[spec.path] = jax.make_array_from_callback(spec.layer_shape(config), whole, part)
       continue
-    stack = jax.jit(functools.partial(jnp.zeros, spec.stored_shape(config), target_dtype),
-                    out_shardings=whole)()
+    stack = jnp.zeros(spec.stored_shape(config), target_dtype, device=whole)
     for layer in range(config.num_layers):
       leaf = jax.make_array_from_callback(spec.layer_shape(config), layer_sharding,
                                           functools.partial(part, layer=layer))
