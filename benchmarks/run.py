@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -56,7 +57,13 @@ TARGETS = (
     ("decode / bandwidth limit", "decode_vs_bandwidth_limit", 3.0),
     ("decode at the longest / at the shortest cache", "decode_longest_vs_shortest", 1.5),
     ("sparse MoE / dense MoE", "moe_sparse_vs_dense", 0.35),
+    ("many-experts MoE / FLOP limit of its active work", "many_experts_vs_flop_limit", 1.5),
 )
+
+# One MoE layer of Qwen3-30B-A3B's shape (issue 14): 128 experts, 8 chosen, expert FFN
+# 768 at width 2048, here at half the width (1024, FFN 384) to fit the 2-core machine's
+# time; int8 weights with per-channel scales, SiLU experts, renormalised routing.
+MANY_EXPERTS = dict(experts=128, k=8, width=1024, ffn=384)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +306,44 @@ def measure_moe(params, settings: Settings, rng, plan=None) -> dict:
           "tokens_per_expert": counts_per_expert.tolist()}
 
 
+def measure_many_experts(settings: Settings, rng) -> dict:
+  """One MoE layer of MANY_EXPERTS' shape: sparse seconds on settings.moe_tokens tokens and
+  on one token (decode), with the FLOPs of the active work and the weight bytes one token
+  reads (its k experts' int8 weights and scales)."""
+  shape = MANY_EXPERTS
+  num_experts, k, width, ffn = shape["experts"], shape["k"], shape["width"], shape["ffn"]
+  key = jax.random.PRNGKey(7)
+
+  def weight(index, rows, cols):
+    weight_key, scale_key = jax.random.split(jax.random.fold_in(key, index))
+    values = jax.random.randint(weight_key, (num_experts, rows, cols), -127, 128, jnp.int8)
+    scales = jax.random.uniform(scale_key, (num_experts, 1, cols), jnp.float32, 0.5, 1.5)
+    return quant.QuantizedWeight(values, (scales / (127 * math.sqrt(rows))).astype(jnp.bfloat16))
+
+  weights = jax.block_until_ready([weight(0, width, ffn), weight(1, width, ffn),
+                                   weight(2, ffn, width)])
+  router = jax.random.normal(jax.random.fold_in(key, 3), (width, num_experts)) / math.sqrt(width)
+  dtype = settings.dtype
+
+  def inputs(tokens):
+    rows = []
+    for _ in range(3):
+      x = jnp.asarray(rng.standard_normal((tokens, width), np.float32)).astype(dtype)
+      gates, indices = moe.route(x, router, k, renormalize=True)
+      rows.append((x, gates, indices, *weights))
+    return rows
+
+  run = jax.jit(functools.partial(moe.sparse_moe, activation="silu"))
+  prefill, prefill_times = limits.median_seconds(run, inputs(settings.moe_tokens),
+                                                 settings.repeats)
+  decode, decode_times = limits.median_seconds(run, inputs(1), settings.repeats)
+  expert_bytes = sum(w.nbytes for w in weights) // num_experts
+  return {"shape": shape, "tokens": settings.moe_tokens, "sparse_seconds": prefill,
+          "sparse_times": prefill_times, "decode_seconds": decode, "decode_times": decode_times,
+          "active_flops": 2 * settings.moe_tokens * k * 3 * width * ffn,
+          "decode_bytes": k * expert_bytes}
+
+
 def measure_generate(params, settings: Settings, batch: int, rng, plan=None) -> dict:
   """Generated tokens/s of sampling.generate (greedy; prefill and every step included)."""
   config = settings.config
@@ -421,6 +466,8 @@ def run(settings: Settings, log=print, seed: int = 0) -> dict:
     results["decode"].append(measure_decode(params, settings, length, rng, plan))
   log(f"MoE layer on {settings.moe_tokens} tokens ...")
   results["moe"] = measure_moe(params, settings, rng, plan)
+  log(f"MoE layer of {MANY_EXPERTS['experts']} experts on {settings.moe_tokens} tokens ...")
+  results["many_experts"] = measure_many_experts(settings, rng)
   results["generate"] = []
   for batch in settings.generate_batches:
     log(f"generate, batch {batch} ...")
@@ -458,6 +505,11 @@ def ratios(results: dict, settings: Settings) -> dict:
       "bandwidth_utilisation_decode": decode_limit / decode[shortest],
       "decode_longest_vs_shortest": decode[longest] / decode[shortest],
       "moe_sparse_vs_dense": results["moe"]["sparse_seconds"] / results["moe"]["dense_seconds"],
+      "many_experts_vs_flop_limit": (results["many_experts"]["sparse_seconds"]
+                                     / (results["many_experts"]["active_flops"] / flop_per_s)),
+      "many_experts_decode_vs_bandwidth_limit": (
+          results["many_experts"]["decode_seconds"]
+          / (results["many_experts"]["decode_bytes"] / bytes_per_s)),
   }
   if settings.peak_bandwidth:
     out["bandwidth_utilisation_decode_nominal"] = (
@@ -521,6 +573,12 @@ def table(results: dict) -> str:
   rows.append((f"MoE layer, {moe_result['tokens']} tokens",
                f"sparse {_ms(moe_result['sparse_seconds'])}, "
                f"all {cfg['num_experts']} experts dense {_ms(moe_result['dense_seconds'])}"))
+  many = results["many_experts"]
+  rows.append((f"MoE layer, {many['shape']['experts']} experts (top {many['shape']['k']}), "
+               f"{many['tokens']} tokens",
+               f"sparse {_ms(many['sparse_seconds'])} ({r['many_experts_vs_flop_limit']:.2f}x "
+               f"the FLOP limit of its active work); 1 token {_ms(many['decode_seconds'])} "
+               f"({r['many_experts_decode_vs_bandwidth_limit']:.1f}x its bandwidth limit)"))
   for g in results["generate"]:
     rows.append((f"generate, batch {g['batch']}",
                  f"{g['tokens_per_s']:.0f} tokens/s ({g['prompt_tokens']}-token prompts, "

@@ -272,4 +272,40 @@ TINY = _preset(
     num_layers=2, num_experts=4, num_selected_experts=2, widening_factor=2.5,
     sequence_len=64)
 
-PRESETS = {"grok-1": GROK_1, "bench": BENCH, "tiny": TINY}
+
+
+def _llama_style_moe(emb_size: int, key_size: int, expert_ffn_size: int, **fields: Any):
+  """A config of the Mixtral / Qwen MoE shape: SiLU experts, pre-norms only, no soft cap,
+  no embedding or output multiplier, an untied output projection (the published sizes
+  of each preset below are those of its config.json)."""
+  return ModelConfig(
+      emb_size=emb_size, key_size=key_size, expert_ffn_size=expert_ffn_size,
+      widening_factor=expert_ffn_size / emb_size, attn_output_multiplier=key_size ** -0.5,
+      embedding_multiplier_scale=1.0, output_multiplier_scale=1.0, attn_logit_cap=0.0,
+      expert_activation="silu", post_norms=False, tie_embeddings=False, **fields)
+
+
+# mistralai/Mixtral-8x7B-v0.1.
+MIXTRAL_8X7B = _llama_style_moe(
+    vocab_size=32_000, emb_size=4096, key_size=128, expert_ffn_size=14_336, num_q_heads=32,
+    num_kv_heads=8, num_layers=32, num_experts=8, num_selected_experts=2,
+    sequence_len=32_768, rms_norm_eps=1e-5, rope_base=1e6, router_renormalize=True,
+    bos_token=1, eos_token=2)
+
+# Qwen/Qwen1.5-MoE-A2.7B: 60 experts, top 4 not renormalised, a gated shared expert.
+QWEN1_5_MOE_A2_7B = _llama_style_moe(
+    vocab_size=151_936, emb_size=2048, key_size=128, expert_ffn_size=1408, num_q_heads=16,
+    num_kv_heads=16, num_layers=24, num_experts=60, num_selected_experts=4,
+    sequence_len=8192, rms_norm_eps=1e-6, rope_base=1e6, qkv_bias=True,
+    shared_expert_ffn_size=5632, shared_expert_gate=True, bos_token=151_643,
+    eos_token=151_643)
+
+# Qwen/Qwen3-30B-A3B: 128 experts, top 8 renormalised, per-head q/k norms.
+QWEN3_30B_A3B = _llama_style_moe(
+    vocab_size=151_936, emb_size=2048, key_size=128, expert_ffn_size=768, num_q_heads=32,
+    num_kv_heads=4, num_layers=48, num_experts=128, num_selected_experts=8,
+    sequence_len=40_960, rms_norm_eps=1e-6, rope_base=1e6, router_renormalize=True,
+    qk_norm=True, bos_token=151_643, eos_token=151_645)
+
+PRESETS = {"grok-1": GROK_1, "bench": BENCH, "tiny": TINY, "mixtral-8x7b": MIXTRAL_8X7B,
+           "qwen1.5-moe-a2.7b": QWEN1_5_MOE_A2_7B, "qwen3-30b-a3b": QWEN3_30B_A3B}

@@ -145,3 +145,21 @@ def test_checkpoint_errors_name_the_file(tmp_path):
       (source / "model-00002-of-00003.safetensors").read_bytes())
   with pytest.raises(CheckpointError, match=r"has shape .* the config needs"):
     hf_checkpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_command_line_completes_text_with_each_family(family, capsys):
+  """`grok-moe --checkpoint <fixture> --prompt ...` runs every family end to end: the Hugging
+  Face directory is recognised, its tokenizer.json used, and the greedy text is what the
+  token-level API gives for the same ids."""
+  from grok_moe import cli
+  from grok_moe.api import Model
+  directory = FAMILIES_DIR / family
+  code = cli.main(["--checkpoint", str(directory), "--prompt", "Hello", "--max-new-tokens", "4",
+                   "--temperature", "0", "--compilation-cache", "off"])
+  out = capsys.readouterr().out
+  assert code == 0 and out.startswith("Hello")
+  model = Model.from_checkpoint(directory, compilation_cache=False)
+  expected = model.tokenizer.decode(model.generate_tokens(model.encode("Hello"),
+                                                          max_new_tokens=4, temperature=0))
+  assert out == "Hello" + expected + "\n"

@@ -203,3 +203,15 @@ def test_forward_returns_routing_only_when_asked():
 
   tiny = manifest.unflatten(helpers.random_params(TINY, "float", seed=0))
   assert model.forward(tiny, helpers.padded_tokens(TINY), TINY, dtype=jnp.float32).routing is None
+
+
+@pytest.mark.parametrize("name, published", [
+    ("mixtral-8x7b", 46.7e9), ("qwen1.5-moe-a2.7b", 14.3e9), ("qwen3-30b-a3b", 30.5e9)])
+def test_family_presets_have_their_published_parameter_counts(name, published):
+  """Each family preset's tensors, counted from the parameter table with its switches
+  (biases, q/k norms, shared expert, untied output projection), add up to the model's
+  published size to its published precision (46.7 B, 14.3 B, 30.5 B): catches a preset
+  size or a switch that adds or drops tensors."""
+  from grok_moe.config import PRESETS
+  count = param_table.parameter_count(PRESETS[name])
+  assert abs(count - published) < 0.05e9, count
