@@ -52,7 +52,7 @@ def release_params(config: ModelConfig, seed: int = 0) -> dict[str, dict[str, ob
   """Random stacked params as numpy, int8 + bfloat16 scales where the release quantizes."""
   rng = np.random.default_rng(seed)
   flat = {}
-  for spec in param_table.PARAMS:
+  for spec in param_table.params_for(config):
     shape = spec.stored_shape(config)
     flat[spec.path] = (_quantized(rng, shape, spec.row_blocks) if spec.quantized
                        else _float(rng, spec, shape))

@@ -793,7 +793,8 @@ def test_ctrl_c_stops_a_slow_load_within_a_second(saved):
   child = subprocess.Popen([sys.executable, "-c", _SLOW_LOAD, str(root)], cwd=REPO_ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    assert child.stdout.readline() == "reading\n"  # the readers are in the middle of files
+    # the readers are in the middle of files (two threads may print on one line)
+    assert child.stdout.readline().startswith("reading")
     time.sleep(0.2)
     interrupted = time.monotonic()
     child.send_signal(signal.SIGINT)

@@ -18,7 +18,7 @@ def test_release_params_have_the_release_storage_and_are_seeded():
   params = random_weights.release_params(TINY, seed=3)
   param_table.check_stacked(params, TINY)
   flat = param_table.flatten(params)
-  for spec in param_table.PARAMS:
+  for spec in param_table.params_for(TINY):
     leaf = flat[spec.path]
     if spec.quantized:
       assert isinstance(leaf, QuantizedWeight), spec.path
