@@ -63,7 +63,7 @@ TARGETS = (
 # One MoE layer of Qwen3-30B-A3B's shape (issue 14): 128 experts, 8 chosen, expert FFN
 # 768 at width 2048, here at half the width (1024, FFN 384) to fit the 2-core machine's
 # time; int8 weights with per-channel scales, SiLU experts, renormalised routing.
-MANY_EXPERTS = dict(experts=128, k=8, width=1024, ffn=384)
+MANY_EXPERTS = (128, 8, 1024, 384)  # experts, chosen, width, expert FFN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,7 @@ class Settings:
   generate_new_tokens: int = NEW_TOKENS
   peak_bandwidth: float | None = None   # bytes/s from a data sheet, for utilisation
   peak_flops: float | None = None       # FLOP/s from a data sheet, for utilisation
+  many_experts: tuple[int, int, int, int] = MANY_EXPERTS  # the many-experts MoE layer
   mesh: tuple[int, int] | None = None   # (data, model): run on a mesh of devices
 
 
@@ -310,8 +311,8 @@ def measure_many_experts(settings: Settings, rng) -> dict:
   """One MoE layer of MANY_EXPERTS' shape: sparse seconds on settings.moe_tokens tokens and
   on one token (decode), with the FLOPs of the active work and the weight bytes one token
   reads (its k experts' int8 weights and scales)."""
-  shape = MANY_EXPERTS
-  num_experts, k, width, ffn = shape["experts"], shape["k"], shape["width"], shape["ffn"]
+  num_experts, k, width, ffn = settings.many_experts
+  shape = dict(experts=num_experts, k=k, width=width, ffn=ffn)
   key = jax.random.PRNGKey(7)
 
   def weight(index, rows, cols):
@@ -466,7 +467,7 @@ def run(settings: Settings, log=print, seed: int = 0) -> dict:
     results["decode"].append(measure_decode(params, settings, length, rng, plan))
   log(f"MoE layer on {settings.moe_tokens} tokens ...")
   results["moe"] = measure_moe(params, settings, rng, plan)
-  log(f"MoE layer of {MANY_EXPERTS['experts']} experts on {settings.moe_tokens} tokens ...")
+  log(f"MoE layer of {settings.many_experts[0]} experts on {settings.moe_tokens} tokens ...")
   results["many_experts"] = measure_many_experts(settings, rng)
   results["generate"] = []
   for batch in settings.generate_batches:
