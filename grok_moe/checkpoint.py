@@ -341,6 +341,9 @@ def _release_leaf(name: str, leaf):
   if not jnp.issubdtype(leaf.dtype, jnp.floating):
     raise CheckpointError(f"{name} must be a float array or a QuantizedWeight, "
                           f"got {_describe_leaf(leaf)}.")
+  rows = leaf.shape[-2]
+  if rows % row_blocks:  # a model whose rows the release's blocks do not divide (other families)
+    row_blocks = 1
   try:
     return quant.quantize(np.asarray(leaf, dtype=np.float32), row_blocks)
   except ValueError as error:

@@ -163,3 +163,22 @@ def test_command_line_completes_text_with_each_family(family, capsys):
   expected = model.tokenizer.decode(model.generate_tokens(model.encode("Hello"),
                                                           max_new_tokens=4, temperature=0))
   assert out == "Hello" + expected + "\n"
+
+
+def test_a_family_saves_in_the_release_format_and_loads_back(tmp_path):
+  """save_checkpoint writes a Hugging Face-loaded model in the release's int8 format (its
+  extra tensors, biases and the shared expert, included; config.json keeps the switches),
+  and load_checkpoint reads it back to the same config and, up to int8 rounding, the same
+  logits. Tolerance: per-channel int8 keeps each weight within half a scale step (under
+  0.4% of the column's largest); through three layers of these small random matrices
+  that moves the logits by 3.4% of their spread (measured); 0.1 leaves 3x room, while a
+  tensor lost or misplaced moves them by O(1)."""
+  from grok_moe import checkpoint
+  config, params, ref = loaded("qwen2_moe")
+  checkpoint.save_checkpoint(params, tmp_path, config, progress=False)
+  assert checkpoint.checkpoint_config(tmp_path) == config
+  reloaded = checkpoint.load_checkpoint(tmp_path, progress=False)
+  real = ref["attention_mask"].astype(bool)
+  logits = model.forward(reloaded, ref["input_ids"], config, dtype=jnp.float32,
+                         token_valid=real).logits
+  assert _scaled_error(np.asarray(logits)[real], ref["logits"][real]) < 0.1
