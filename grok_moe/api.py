@@ -222,10 +222,13 @@ class Model:
                       tokenizer: Tokenizer | str | os.PathLike | None = None,
                       mesh: jax.sharding.Mesh | None = None, dtype: Dtype = None,
                       progress: bool = True, moe_sharding: str = "tensor",
-                      compilation_cache: str | os.PathLike | bool | None = None) -> "Model":
+                      compilation_cache: str | os.PathLike | bool | None = None,
+                      quantize: str | None = None) -> "Model":
     """Loads a checkpoint: release format (a directory holding ckpt-0/, or ckpt-0/ itself),
     or a Hugging Face directory of a supported family (config.json with its model_type
-    and *.safetensors: Mixtral, Qwen2-MoE, Qwen3-MoE; see grok_moe.hf_checkpoint).
+    and *.safetensors: Mixtral, Qwen2-MoE, Qwen3-MoE; see grok_moe.hf_checkpoint),
+    whose weights keep their dtype or, with quantize="int8", become int8 with
+    per-channel bfloat16 scales on the way in.
 
     The config comes from config.json beside ckpt-0 (Grok-1 for the release);
     the tokenizer from `tokenizer` or tokenizer.model beside the checkpoint.
@@ -253,7 +256,10 @@ class Model:
     if tokenizer is not None:
       tokenizer.check_fits(config)
     if hf_checkpoint.is_hf_checkpoint(path):
-      _, params = hf_checkpoint.load(path, config, sharding=plan)
+      _, params = hf_checkpoint.load(path, config, sharding=plan, quantize=quantize)
+    elif quantize is not None:
+      raise InputError("quantize= applies to Hugging Face checkpoints; a release-format "
+                       "checkpoint is int8 already")
     else:
       params = checkpoint.load_checkpoint(path, config, progress=progress, sharding=plan)
     return cls(params, config, tokenizer, dtype, sharding=plan,

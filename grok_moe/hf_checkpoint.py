@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok_moe import params as P
+from grok_moe import quant
 from grok_moe.config import NO_EOS, ModelConfig
 from grok_moe.errors import CheckpointError, ConfigError
 from grok_moe.safetensors_file import SafetensorsFile
@@ -327,15 +328,27 @@ def _write_layer(stack, leaf, layer):
   return stack.at[layer].set(leaf)
 
 
+QUANTIZE = (None, "int8")
+
+
 def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | None = None,
-         dtype=None):
+         dtype=None, quantize: str | None = None):
   """The stacked params of the Hugging Face checkpoint at `path`, on the device(s).
 
   Each table entry is built in its final layout (`sharding`'s, or the default
   device): one layer at a time, each device's part read as a slice of the
   mapped safetensors files (`jax.make_array_from_callback`), then written into
   its slot of the stack. Weights keep the checkpoint's dtype, or `dtype`.
+
+  With quantize="int8" the matrices the release quantizes become int8 with
+  bfloat16 scales in the release's layouts (`quant.quantize`: per output
+  channel, or 8 row blocks for the output projections where 8 divides their
+  rows), on the way in: each layer's matrix is read whole on the host (a
+  column's scale needs all its rows), quantized, and each device takes its
+  slice of the int8 values and scales.
   """
+  if quantize not in QUANTIZE:
+    raise CheckpointError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
   root = pathlib.Path(path)
   hf = read_hf_config(root)
   config = checkpoint_config(root, config)
@@ -364,6 +377,9 @@ def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | No
     if not spec.per_layer:
       flat[spec.path] = jax.make_array_from_callback(spec.layer_shape(config), whole, part)
       continue
+    if quantize == "int8" and spec.quantized:
+      flat[spec.path] = _load_quantized(spec, config, sharding, whole, layer_sharding, part)
+      continue
     stack = jnp.zeros(spec.stored_shape(config), target_dtype, device=whole)
     for layer in range(config.num_layers):
       leaf = jax.make_array_from_callback(spec.layer_shape(config), layer_sharding,
@@ -371,6 +387,35 @@ def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | No
       stack = _write_layer(stack, leaf, layer)
     flat[spec.path] = jax.block_until_ready(stack)
   return config, P.unflatten(flat)
+
+
+def _load_quantized(spec: P.ParamSpec, config: ModelConfig, sharding: ShardingPlan | None,
+                    whole, layer_sharding, part):
+  """The stack [L, ...] of `spec` as int8 with bfloat16 scales [L, ..., R, N] in the
+  release's row blocks R (per channel, R = 1, where those do not divide the rows),
+  quantized layer by layer on the host and placed in its final layout."""
+  shape = spec.layer_shape(config)
+  blocks = spec.row_blocks if shape[-2] % spec.row_blocks == 0 else 1
+  scales_shape = (*shape[:-2], blocks, shape[-1])
+
+  def scales_sharding(weight_sharding):
+    """The scales' layout: the weight's, their row blocks split only where they divide."""
+    if sharding is None:
+      return weight_sharding
+    return sharding.sharding(sharding.scales_spec(weight_sharding.spec, blocks))
+
+  weight_stack = jnp.zeros(spec.stored_shape(config), jnp.int8, device=whole)
+  scales_stack = jnp.zeros((config.num_layers, *scales_shape), jnp.bfloat16,
+                           device=scales_sharding(whole))
+  for layer in range(config.num_layers):
+    host = quant.quantize(np.asarray(part(tuple(slice(None) for _ in shape), layer=layer),
+                                     np.float32), row_blocks=blocks)
+    weight = jax.make_array_from_callback(shape, layer_sharding, lambda index: host.weight[index])
+    scales = jax.make_array_from_callback(scales_shape, scales_sharding(layer_sharding),
+                                          lambda index: host.scales[index])
+    weight_stack = _write_layer(weight_stack, weight, layer)
+    scales_stack = _write_layer(scales_stack, scales, layer)
+  return jax.block_until_ready(quant.QuantizedWeight(weight_stack, scales_stack))
 
 
 def _hf_shape(source: Source, spec: P.ParamSpec, config: ModelConfig) -> tuple[int, ...]:
