@@ -125,7 +125,7 @@ def _checkpoint_bytes(config) -> int:
 def _largest_layer_tensor_bytes(config) -> int:
   """Bytes of the largest per-layer tensor: what a load may hold beside the stacks."""
   return max(_tensor_bytes(spec.release_name(0), spec.layer_shape(config))
-             for spec in param_table.LAYER_PARAMS)
+             for spec in param_table.layer_params_for(config))
 
 
 def _write_checkpoint(config, root: pathlib.Path) -> float:

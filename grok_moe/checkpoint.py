@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import itertools
 import os
 import pathlib
@@ -211,10 +210,7 @@ def read_release_tensors(tensor_dir: pathlib.Path, config: ModelConfig, *, max_w
     bar.close()
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_layer(stack, leaf, layer):
-  """stack [L, ...] with layer `layer` replaced by leaf [...], in place (the stack is donated)."""
-  return jax.tree.map(lambda whole, part: whole.at[layer].set(part), stack, leaf)
+_write_layer = param_table.write_layer  # one name here, which benchmarks/load_checkpoint wraps
 
 
 class _StackedTarget:
@@ -341,9 +337,7 @@ def _release_leaf(name: str, leaf):
   if not jnp.issubdtype(leaf.dtype, jnp.floating):
     raise CheckpointError(f"{name} must be a float array or a QuantizedWeight, "
                           f"got {_describe_leaf(leaf)}.")
-  rows = leaf.shape[-2]
-  if rows % row_blocks:  # a model whose rows the release's blocks do not divide (other families)
-    row_blocks = 1
+  row_blocks = param_table.spec_of(name).blocks_for_rows(leaf.shape[-2])
   try:
     return quant.quantize(np.asarray(leaf, dtype=np.float32), row_blocks)
   except ValueError as error:

@@ -322,12 +322,6 @@ def _read_block(files: _Files, source: Source, spec: P.ParamSpec, config: ModelC
                    for expert in experts])
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_layer(stack, leaf, layer):
-  """stack [L, ...] with layer `layer` replaced by leaf, in place (the stack is donated)."""
-  return stack.at[layer].set(leaf)
-
-
 QUANTIZE = (None, "int8")
 
 
@@ -384,7 +378,7 @@ def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | No
     for layer in range(config.num_layers):
       leaf = jax.make_array_from_callback(spec.layer_shape(config), layer_sharding,
                                           functools.partial(part, layer=layer))
-      stack = _write_layer(stack, leaf, layer)
+      stack = P.write_layer(stack, leaf, layer)
     flat[spec.path] = jax.block_until_ready(stack)
   return config, P.unflatten(flat)
 
@@ -395,7 +389,7 @@ def _load_quantized(spec: P.ParamSpec, config: ModelConfig, sharding: ShardingPl
   release's row blocks R (per channel, R = 1, where those do not divide the rows),
   quantized layer by layer on the host and placed in its final layout."""
   shape = spec.layer_shape(config)
-  blocks = spec.row_blocks if shape[-2] % spec.row_blocks == 0 else 1
+  blocks = spec.blocks_for_rows(shape[-2])
   scales_shape = (*shape[:-2], blocks, shape[-1])
 
   def scales_sharding(weight_sharding):
@@ -413,8 +407,8 @@ def _load_quantized(spec: P.ParamSpec, config: ModelConfig, sharding: ShardingPl
     weight = jax.make_array_from_callback(shape, layer_sharding, lambda index: host.weight[index])
     scales = jax.make_array_from_callback(scales_shape, scales_sharding(layer_sharding),
                                           lambda index: host.scales[index])
-    weight_stack = _write_layer(weight_stack, weight, layer)
-    scales_stack = _write_layer(scales_stack, scales, layer)
+    weight_stack = P.write_layer(weight_stack, weight, layer)
+    scales_stack = P.write_layer(scales_stack, scales, layer)
   return jax.block_until_ready(quant.QuantizedWeight(weight_stack, scales_stack))
 
 

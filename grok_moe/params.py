@@ -28,6 +28,7 @@ per block of K/8 rows (`grok_moe.quant`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Iterator
@@ -98,6 +99,11 @@ class ParamSpec:
 
   def stored_axes(self) -> tuple[str | None, ...]:
     return (None, *self.axes) if self.per_layer else self.axes
+
+  def blocks_for_rows(self, rows: int) -> int:
+    """The scale row blocks of a matrix of `rows` rows: the release's, where they divide
+    the rows (always, for Grok-1), else one block (per output channel)."""
+    return self.row_blocks if rows % self.row_blocks == 0 else 1
 
   def release_name(self, layer: int | None) -> str:
     if self.per_layer:
@@ -228,13 +234,25 @@ def spec_for_release_name(name: str) -> tuple[ParamSpec, int | None]:
   raise KeyError(f"{name} is not a parameter of the model")
 
 
-def row_blocks_for(name: str) -> int | None:
-  """Scale row blocks the release uses for the tensor `name` (a release or an in-memory
-  name); None if it stays float32."""
+def spec_of(name: str) -> ParamSpec:
+  """The table entry of the tensor `name`, a release or an in-memory name."""
   spec = BY_PATH.get(name)
   if spec is None:
     spec, _ = spec_for_release_name(name)
-  return spec.row_blocks
+  return spec
+
+
+def row_blocks_for(name: str) -> int | None:
+  """Scale row blocks the release uses for the tensor `name` (a release or an in-memory
+  name); None if it stays float32."""
+  return spec_of(name).row_blocks
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def write_layer(stack, leaf, layer):
+  """stack [L, ...] (a pytree, such as a QuantizedWeight) with layer `layer` replaced by
+  leaf [...], in place: the stack is donated, so no second stack is ever allocated."""
+  return jax.tree.map(lambda whole, part: whole.at[layer].set(part), stack, leaf)
 
 
 def release_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -124,6 +124,8 @@ def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, la
   if layer is not None:
     kv_spec = P(None, *kv_spec)                                                  # [L, B, S, K, d]
 
+  read_layer = layer is not None  # else keys, values are [B, S, K, d] and `layer` unused
+
   def body(q, keys, values, mask, layer):
     if plan.kv_heads_sharded:
       local_kv = keys.shape[-2]
@@ -138,16 +140,12 @@ def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, la
         kv_index = (first_head + jnp.arange(local_heads)) // groups              # [H/n]
         keys, values = (jnp.take(a, kv_index, axis=2) for a in (keys, values))   # [B, S, H/n, d]
     local = config.replace(num_q_heads=local_heads, num_kv_heads=local_kv)
-    return attention.attend(q, keys, values, mask, local, layer=layer)           # [B, T, H/n*d]
+    return attention.attend(q, keys, values, mask, local,
+                            layer=layer if read_layer else None)                 # [B, T, H/n*d]
 
-  layer_arg = jnp.int32(0) if layer is None else layer
-  if layer is None:
-    inner = lambda q, keys, values, mask, _: body(q, keys, values, mask, None)   # noqa: E731
-  else:
-    inner = body
   return _shard_map(
-      plan, inner, (P(rows, None, MODEL, None), kv_spec, kv_spec, P(rows, None, None), P()),
-      P(rows, None, MODEL))(q, keys, values, mask, layer_arg)
+      plan, body, (P(rows, None, MODEL, None), kv_spec, kv_spec, P(rows, None, None), P()),
+      P(rows, None, MODEL))(q, keys, values, mask, jnp.int32(0) if layer is None else layer)
 
 
 def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, params: tuple[ParamSpec, ...],
