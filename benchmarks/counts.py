@@ -35,10 +35,11 @@ def active_parameters(config: ModelConfig) -> dict[str, int]:
   D, V, F = config.emb_size, config.vocab_size, config.ffn_size
   attention = D * config.q_size + 2 * D * config.kv_size + config.q_size * D
   router = D * config.num_experts
-  experts = config.num_selected_experts * 3 * D * F
+  experts = config.num_selected_experts * 3 * D * F + 3 * D * config.shared_expert_ffn_size
   parts = {"attention": config.num_layers * attention,
            "router": config.num_layers * router,
            "experts": config.num_layers * experts,
+           "dense_mlp": config.num_layers * 3 * D * config.dense_ffn_size,
            "output_projection": V * D}
   parts["total"] = sum(parts.values())
   return parts
@@ -58,7 +59,8 @@ def _leaf_bytes(leaf, fraction_of_axis: tuple[int, int] | None = None) -> int:
   return total
 
 
-_PARTS = {"experts": "experts", "attention": "attention", "embeddings": "embeddings",
+_PARTS = {"experts": "experts", "dense mlp": "dense_mlp", "attention": "attention",
+          "embeddings": "embeddings",
           "norms and router": "router_and_norms"}
 
 
@@ -71,7 +73,7 @@ def bytes_per_token(params, config: ModelConfig) -> dict[str, int]:
   for spec in param_table.params_for(config):
     leaf = flat[spec.path]
     part = _PARTS[spec.group]
-    if spec.group == "experts":
+    if param_table.EXPERTS in spec.axes:
       expert_axis = spec.stored_axes().index(param_table.EXPERTS)
       parts[part] += _leaf_bytes(leaf, (expert_axis, config.num_selected_experts))
     elif spec is param_table.EMBEDDINGS:

@@ -6,6 +6,8 @@ K KV heads, G query heads per KV head (H = K*G), d head width, L layers.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -30,20 +32,32 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 ATTENTION_CHUNK = 512
 
 
-def _capped(scores, config: ModelConfig):
+def temperature(positions: jax.Array, config: ModelConfig) -> jax.Array | None:
+  """Grok-2's attention temperature of each query, [B, T] float32 from positions [B, T]:
+  log2(p) / log2(Lt) at positions p > Lt = attn_temperature_len, else 1. None when the
+  config has none (attn_temperature_len 0)."""
+  if not config.attn_temperature_len:
+    return None
+  p = positions.astype(jnp.float32)
+  scaled = jnp.log2(jnp.maximum(p, 1.0)) * (1.0 / math.log2(config.attn_temperature_len))
+  return jnp.where(p > config.attn_temperature_len, scaled, 1.0)
+
+
+def _capped(scores, config: ModelConfig, temperature=None):
   """Logits scaled by attn_output_multiplier and soft-capped (unless the cap is 0), in
-  float32."""
+  float32, then times each query's `temperature` (broadcast to scores; None: 1)."""
   scores = scores.astype(jnp.float32) * config.attn_output_multiplier
-  if not config.attn_logit_cap:
-    return scores
-  return config.attn_logit_cap * jnp.tanh(scores / config.attn_logit_cap)
+  if config.attn_logit_cap:
+    scores = config.attn_logit_cap * jnp.tanh(scores / config.attn_logit_cap)
+  return scores if temperature is None else scores * temperature
 
 
-def attend(q, keys, values, mask, config: ModelConfig, *, layer=None):
+def attend(q, keys, values, mask, config: ModelConfig, *, layer=None, temperature=None):
   """Grouped-query attention with the soft logit cap.
 
   q [B, T, H, d]; keys, values [B, S, K, d], or a whole cache [L, B, S, K, d]
   with the `layer` to read (an int or a traced index); mask [B, T, S] -> [B, T, H*d], in q's dtype.
+  `temperature` [B, T] (see `temperature`) multiplies each query's capped logits.
   A cache of more than ATTENTION_CHUNK slots is read chunk by chunk
   (`_attend_cache_in_chunks`), skipping the chunks no query sees.
   """
@@ -51,22 +65,27 @@ def attend(q, keys, values, mask, config: ModelConfig, *, layer=None):
   q = q.reshape(batch, num_new, config.num_kv_heads, config.num_kv_groups, head_dim)  # [B, T, K, G, d]
   num_slots = mask.shape[-1]
   if layer is not None and num_slots > ATTENTION_CHUNK and num_slots % ATTENTION_CHUNK == 0:
-    out = _attend_cache_in_chunks(q, keys, values, layer, mask, config)             # [B, T, K, G, d]
+    out = _attend_cache_in_chunks(q, keys, values, layer, mask, config,
+                                  temperature)                                      # [B, T, K, G, d]
   else:
     if layer is not None:
       keys, values = keys[layer], values[layer]                                     # [B, S, K, d]
     keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    query_temperature = None if temperature is None else temperature[:, None, None, :, None]
     scores = _capped(jnp.einsum("btkgd,bskd->bkgts", q, keys,
-                                preferred_element_type=jnp.float32), config)        # [B, K, G, T, S]
+                                preferred_element_type=jnp.float32),
+                     config, query_temperature)                                     # [B, K, G, T, S]
     scores = jnp.where(mask[:, None, None, :, :], scores, MASKED_LOGIT)
     weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)                       # [B, K, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", weights, values)                          # [B, T, K, G, d]
   return out.reshape(batch, num_new, config.q_size)                                 # [B, T, H*d]
 
 
-def _attend_cache_in_chunks(q, cache_keys, cache_values, layer, mask, config: ModelConfig):
+def _attend_cache_in_chunks(q, cache_keys, cache_values, layer, mask, config: ModelConfig,
+                            temperature=None):
   """Attention of q [B, T, K, G, d] over layer `layer` of a cache [L, B, S, K, d], read
-  in chunks of c = ATTENTION_CHUNK slots; mask [B, T, S] -> [B, T, K, G, d] in q's dtype.
+  in chunks of c = ATTENTION_CHUNK slots; mask [B, T, S], temperature [B, T] or None
+  -> [B, T, K, G, d] in q's dtype.
 
   Two `lax.scan`s over the chunks, so that the softmax is the plain one over
   all S slots: (1) the logits of each chunk, (2) after the softmax, the sum
@@ -104,7 +123,9 @@ def _attend_cache_in_chunks(q, cache_keys, cache_values, layer, mask, config: Mo
     def compute():
       scores = jnp.einsum("bse,beq->bsq", read(cache_keys, index), q_blocks,
                           preferred_element_type=jnp.float32)                      # [B, c, T*H]
-      scores = _capped(scores, config).reshape(batch, chunk, num_new, kv_heads * groups)
+      query_temperature = None if temperature is None else temperature[:, None, :, None]
+      scores = _capped(scores.reshape(batch, chunk, num_new, kv_heads * groups), config,
+                       query_temperature)                                          # [B, c, T, H]
       visible = jnp.swapaxes(chunk_mask, 1, 2)[..., None]                          # [B, c, T, 1]
       return jnp.where(visible, scores, MASKED_LOGIT)                              # [B, c, T, H]
 

@@ -47,14 +47,21 @@ class ModelConfig:
   rope_base: float = 10_000.0
   # Switches by which other Grok-style MoE families differ; each default is Grok-1's.
   expert_ffn_size: int = 0           # expert hidden size; 0: Grok's widening formula
-  expert_activation: str = "gelu"    # "gelu" (tanh form, Grok) or "silu" (Mixtral, Qwen)
+  expert_activation: str = "gelu"    # "gelu" (tanh form, Grok-1), "gelu_exact" (erf form,
+                                     # Grok-2) or "silu" (Mixtral, Qwen)
   router_renormalize: bool = False   # gates renormalised over the k chosen experts
+  router_logit_cap: float = 0.0      # soft cap c*tanh(g/c) of the router logits; 0: none
   post_norms: bool = True            # Grok's RMSNorms after attention and MoE; False: none
   qkv_bias: bool = False             # biases on the query, key and value projections
   qk_norm: bool = False              # RMSNorm over each head of q and k, before RoPE
   tie_embeddings: bool = True        # logits from the embedding table; False: an lm_head
   shared_expert_ffn_size: int = 0    # hidden size of an expert every token uses; 0: none
   shared_expert_gate: bool = False   # the shared expert's output times sigmoid(x @ w)
+  dense_ffn_size: int = 0            # a dense gated MLP beside the experts (Grok-2's residual
+                                     # MoE): FFN out = (mlp + moe) / sqrt(2); 0: none
+  attn_temperature_len: int = 0      # Grok-2: scores times log2(p)/log2(this) at query
+                                     # positions p above it; 0: none
+  final_logit_cap: float = 0.0       # soft cap of the output logits; 0: none
 
   def __post_init__(self):
     for name, (low, high) in _INTEGER_RANGES.items():
@@ -64,11 +71,12 @@ class ModelConfig:
       if not low <= value <= high:
         raise ConfigError(f"{name} must be in [{low}, {high}] (sizes a real model has), "
                           f"got {value}")
-    cap = self.attn_logit_cap
-    if (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not math.isfinite(cap)
-        or not 0 <= cap <= 1e6):
-      raise ConfigError(f"attn_logit_cap must be a finite number in [0, 1e6] (0: no cap), "
-                        f"got {cap!r}")
+    for name in ("attn_logit_cap", "router_logit_cap", "final_logit_cap"):
+      cap = getattr(self, name)
+      if (not isinstance(cap, (int, float)) or isinstance(cap, bool) or not math.isfinite(cap)
+          or not 0 <= cap <= 1e6):
+        raise ConfigError(f"{name} must be a finite number in [0, 1e6] (0: no cap), "
+                          f"got {cap!r}")
     for name, (high, what) in _FLOAT_RANGES.items():
       value = getattr(self, name)
       if (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -94,10 +102,14 @@ class ModelConfig:
       if not 0 <= token < self.vocab_size:
         raise ConfigError(f"{name} {token} is outside the vocabulary "
                           f"[0, {self.vocab_size})")
-    for name, high in (("expert_ffn_size", 2**20), ("shared_expert_ffn_size", 2**20)):
+    for name, high in (("expert_ffn_size", 2**20), ("shared_expert_ffn_size", 2**20),
+                       ("dense_ffn_size", 2**20), ("attn_temperature_len", 2**22)):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
         raise ConfigError(f"{name} must be an integer in [0, {high}] (0: none), got {value!r}")
+    if self.attn_temperature_len == 1:
+      raise ConfigError("attn_temperature_len must be 0 (no temperature) or at least 2: "
+                        "the temperature divides by log2 of it")
     if self.expert_activation not in EXPERT_ACTIVATIONS:
       raise ConfigError(f"expert_activation must be one of {EXPERT_ACTIVATIONS}, "
                         f"got {self.expert_activation!r}")
@@ -201,7 +213,7 @@ _FLOAT_RANGES = {
     "rms_norm_eps": (1.0, "RMSNorm epsilon"),
     "rope_base": (1e12, "RoPE wavelength base"),
 }
-EXPERT_ACTIVATIONS = ("gelu", "silu")
+EXPERT_ACTIVATIONS = ("gelu", "gelu_exact", "silu")
 NO_EOS = -1
 MAX_JSON_CHARS = 64 * 1024
 _MAX_JSON_INT_DIGITS = 20
@@ -307,5 +319,23 @@ QWEN3_30B_A3B = _llama_style_moe(
     sequence_len=40_960, rms_norm_eps=1e-6, rope_base=1e6, router_renormalize=True,
     qk_norm=True, bos_token=151_643, eos_token=151_645)
 
-PRESETS = {"grok-1": GROK_1, "bench": BENCH, "tiny": TINY, "mixtral-8x7b": MIXTRAL_8X7B,
+# xai-org/grok-2 (docs/GROK2_SPEC.md): Grok-1's layer with a dense MLP beside the experts,
+# exact GELU, router and output soft caps, an attention temperature past position 1024,
+# an untied output projection scaled by 0.5. Its RoPE "original" scaling changes nothing
+# but the table length, so it is plain RoPE with the base below.
+GROK_2 = _preset(
+    vocab_size=131_072, emb_size=8192, key_size=128, num_q_heads=64, num_kv_heads=8,
+    num_layers=64, num_experts=8, num_selected_experts=2, widening_factor=2.0,
+    expert_ffn_size=16_384, dense_ffn_size=32_768, sequence_len=131_072,
+    output_multiplier_scale=0.5, attn_logit_cap=30.0, router_logit_cap=30.0,
+    final_logit_cap=50.0, attn_temperature_len=1024, rope_base=208_533_496.0,
+    expert_activation="gelu_exact", tie_embeddings=False)
+
+# Tests: Grok-2's switches at TINY's odd sizes (a temperature from position 5 on).
+TINY_GROK_2 = TINY.replace(
+    expert_ffn_size=18, dense_ffn_size=22, output_multiplier_scale=0.5, router_logit_cap=3.0,
+    final_logit_cap=5.0, attn_logit_cap=4.0, attn_temperature_len=5, rope_base=208_533_496.0,
+    expert_activation="gelu_exact", tie_embeddings=False)
+
+PRESETS = {"grok-1": GROK_1, "grok-2": GROK_2, "tiny-grok-2": TINY_GROK_2, "bench": BENCH, "tiny": TINY, "mixtral-8x7b": MIXTRAL_8X7B,
            "qwen1.5-moe-a2.7b": QWEN1_5_MOE_A2_7B, "qwen3-30b-a3b": QWEN3_30B_A3B}

@@ -1,4 +1,5 @@
-"""The Grok-1 forward pass: one Haiku model whose decoder layers run as a scan.
+"""The forward pass of Grok-style MoE transformers: one Haiku model whose decoder layers
+run as a scan.
 
 Axis letters: B batch, T new tokens, S cache slots (or keys), D model width,
 V vocabulary, H query heads, K KV heads, d head width, L layers, N = B*T
@@ -8,6 +9,11 @@ tokens, k experts per token.
     each layer:  h = x + rms_norm_1(attention(rms_norm(x)))
                  x = h + rms_norm_3(moe(rms_norm_2(h)))
     logits = rms_norm(x) @ embeddings.T * output_multiplier_scale
+
+That is Grok-1; the switches of `ModelConfig` give the other families: no
+post-norms (rms_norm_1, rms_norm_3) for Mixtral and Qwen, a shared expert
+added to moe(...), Grok-2's dense MLP beside it ((mlp + moe) / sqrt(2)),
+soft caps on the router and output logits, an untied output projection.
 
 The parameters are those of the table in `grok_moe.params`: the decoder
 layers' tensors stacked [L, ...], so the layers are one `lax.scan` whose body
@@ -136,23 +142,39 @@ def _attention(ctx: _Layer, weights, x, positions, token_valid, cache, layer):
 
   # A key is seen if it holds a real token at or before the query's position.
   mask = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])  # [B, T, S]
+  temperature = attention.temperature(jnp.broadcast_to(positions, (batch, num_new)), cfg)  # [B, T]
   if ctx.plan is None:
-    out = attention.attend(q, keys, values, mask, cfg, layer=read_layer)  # [B, T, H*d]
+    out = attention.attend(q, keys, values, mask, cfg, layer=read_layer,
+                           temperature=temperature)                       # [B, T, H*d]
   else:
-    out = sharded_ops.attend(q, keys, values, mask, cfg, ctx.plan, layer=read_layer)
+    out = sharded_ops.attend(q, keys, values, mask, cfg, ctx.plan, layer=read_layer,
+                             temperature=temperature)
   return ctx.linear(out, weights, P.ATTENTION_OUT, layer), new_cache
 
 
+def _gated_mlp(ctx: _Layer, weights, x, params: tuple[P.ParamSpec, ...], layer):
+  """(act(x @ W) * (x @ V)) @ O with the tensors `params` = (W, V, O): a shared expert or
+  the dense MLP. x [N, D] -> [N, D]."""
+  w_in, w_v, w_out = params
+  activation = moe.ACTIVATIONS[ctx.config.expert_activation]
+  hidden = (activation(ctx.linear(x, weights, w_in, layer))
+            * ctx.linear(x, weights, w_v, layer))                            # [N, F]
+  return ctx.linear(hidden, weights, w_out, layer)                          # [N, D]
+
+
 def _experts(ctx: _Layer, weights, x, layer):
-  """Top-k routed mixture of gated experts, and the shared expert when the config has one.
+  """Top-k routed mixture of gated experts, with a shared expert or a dense MLP where the
+  config has one.
 
   x [N, D] -> [N, D], gates and indices [N, k]. The shared expert runs on
   every token, its output scaled by sigmoid(x @ w) with shared_expert_gate,
-  and is added to the routed experts' output.
+  and is added to the routed experts' output. The dense MLP (Grok-2) also
+  runs on every token: the output is (mlp(x) + moe(x)) / sqrt(2).
   """
   cfg = ctx.config
   router = quant.take(weights[P.ROUTER.name], layer)                      # [D, E]
-  gates, expert_indices = moe.route(x, router, cfg.num_selected_experts, cfg.router_renormalize)
+  gates, expert_indices = moe.route(x, router, cfg.num_selected_experts, cfg.router_renormalize,
+                                    cfg.router_logit_cap)
   expert_params = (P.EXPERT_IN, P.EXPERT_GATE, P.EXPERT_OUT)
   expert_weights = tuple(weights[param.name] for param in expert_params)  # [L, E, ...]
   if ctx.plan is None:
@@ -163,15 +185,15 @@ def _experts(ctx: _Layer, weights, x, layer):
                                  ctx.plan, layer=layer, tile_size=ctx.tile_size,
                                  activation=cfg.expert_activation)
   if cfg.shared_expert_ffn_size:
-    activation = moe.ACTIVATIONS[cfg.expert_activation]
-    hidden = (activation(ctx.linear(x, weights, P.SHARED_IN, layer))
-              * ctx.linear(x, weights, P.SHARED_GATE, layer))              # [N, Fs]
-    shared = ctx.linear(hidden, weights, P.SHARED_OUT, layer)             # [N, D]
+    shared = _gated_mlp(ctx, weights, x, (P.SHARED_IN, P.SHARED_GATE, P.SHARED_OUT), layer)
     if cfg.shared_expert_gate:
       gate_w = quant.take(weights[P.SHARED_EXPERT_GATE.name], layer)      # [D, 1]
       shared = shared * jax.nn.sigmoid(
           jnp.matmul(x.astype(jnp.float32), gate_w.astype(jnp.float32))).astype(shared.dtype)
     out = out + shared
+  if cfg.dense_ffn_size:
+    dense = _gated_mlp(ctx, weights, x, (P.DENSE_IN, P.DENSE_GATE, P.DENSE_OUT), layer)
+    out = (dense + out) / math.sqrt(2)
   return out, gates, expert_indices
 
 
@@ -304,7 +326,10 @@ class LanguageModel(hk.Module):
     output = embeddings if cfg.tie_embeddings else own[P.LM_HEAD.name]            # [V, D]
     logits = jnp.einsum("btd,vd->btv", x, output.astype(dtype),
                         preferred_element_type=jnp.float32)                       # [B, T, V]
-    return ModelOutput(logits * cfg.output_multiplier_scale, new_cache, routing)
+    logits = logits * cfg.output_multiplier_scale
+    if cfg.final_logit_cap:
+      logits = cfg.final_logit_cap * jnp.tanh(logits / cfg.final_logit_cap)
+    return ModelOutput(logits, new_cache, routing)
 
 
 @functools.lru_cache(maxsize=None)

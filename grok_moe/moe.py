@@ -18,17 +18,21 @@ from grok_moe import quant
 DEFAULT_TILE_SIZE = 256
 
 
-def route(x: jax.Array, router_w: jax.Array, k: int,
-          renormalize: bool = False) -> tuple[jax.Array, jax.Array]:
+def route(x: jax.Array, router_w: jax.Array, k: int, renormalize: bool = False,
+          logit_cap: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """Top-k routing in float32: softmax over all E experts, then top_k.
 
-  The gates are the softmax probabilities themselves (Grok-1), or with
-  `renormalize` those divided by their sum over the k chosen experts
-  (Mixtral, Qwen3-MoE); ties go to the lower expert index.
+  The router logits x @ router_w are soft-capped to c * tanh(g / c) first
+  when `logit_cap` c is not 0 (Grok-2). The gates are the softmax
+  probabilities themselves (Grok-1, Grok-2), or with `renormalize` those
+  divided by their sum over the k chosen experts (Mixtral, Qwen3-MoE); ties
+  go to the lower expert index.
   Returns gates [N, k] float32 and expert indices [N, k] int32.
   """
   logits = jnp.matmul(x.astype(jnp.float32), router_w.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)        # [N, E]
+  if logit_cap:
+    logits = logit_cap * jnp.tanh(logits / logit_cap)
   probs = jax.nn.softmax(logits, axis=-1)                         # [N, E]
   gates, expert_indices = jax.lax.top_k(probs, k)                 # [N, k]
   if renormalize:
@@ -36,13 +40,14 @@ def route(x: jax.Array, router_w: jax.Array, k: int,
   return gates, expert_indices.astype(jnp.int32)
 
 
-ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu}  # gelu in its tanh form
+# "gelu": the tanh form (Grok-1); "gelu_exact": 0.5 x (1 + erf(x / sqrt 2)) (Grok-2).
+ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+               "silu": jax.nn.silu}
 
 
 def expert_ffn(x: jax.Array, w_in: quant.Weight, w_v: quant.Weight,
                w_out: quant.Weight, activation: str = "gelu") -> jax.Array:
-  """One expert: (act(x @ W) * (x @ V)) @ O, act gelu in its tanh form (Grok) or silu
-  (Mixtral, Qwen). x [C, D] -> [C, D]."""
+  """One expert: (act(x @ W) * (x @ V)) @ O, act one of ACTIVATIONS. x [C, D] -> [C, D]."""
   act = ACTIVATIONS[activation]
   hidden = act(quant.matmul(x, w_in)) * quant.matmul(x, w_v)          # [C, F]
   return quant.matmul(hidden, w_out)                                  # [C, D]

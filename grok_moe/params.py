@@ -50,6 +50,7 @@ KV_HEADS = "kv_heads"
 EXPERTS = "experts"
 FFN = "ffn"
 SHARED_FFN = "shared_ffn"  # the shared expert's hidden width
+DENSE_FFN = "dense_ffn"    # the dense MLP's hidden width (Grok-2)
 HEAD = "head"              # one head's width d (q/k norm scales): never split
 
 LAYERS_MODULE = "transformer/decoder_layers"
@@ -111,7 +112,7 @@ class ParamSpec:
     return self.name
 
 
-GROUPS = ("experts", "attention", "embeddings", "norms and router")
+GROUPS = ("experts", "dense mlp", "attention", "embeddings", "norms and router")
 
 
 def _matrix(name, shape, axes, row_blocks, group, present=lambda config: True):
@@ -151,6 +152,10 @@ def _has_shared_expert(config):
 
 def _has_shared_expert_gate(config):
   return config.shared_expert_gate
+
+
+def _has_dense_mlp(config):
+  return config.dense_ffn_size > 0
 
 
 EMBEDDINGS = ParamSpec("language_model/in_out_embed/embeddings",
@@ -202,12 +207,18 @@ SHARED_OUT = _matrix("shared_expert/linear_1/w",
                      "experts", _has_shared_expert)
 SHARED_EXPERT_GATE = _matrix("shared_expert_gate/w", lambda c: (c.emb_size, 1), (EMBED, None),
                              None, "norms and router", _has_shared_expert_gate)
+DENSE_IN = _matrix("dense_mlp/linear/w", lambda c: (c.emb_size, c.dense_ffn_size),
+                   (EMBED, DENSE_FFN), 1, "dense mlp", _has_dense_mlp)   # Grok-2's gate_proj
+DENSE_GATE = _matrix("dense_mlp/linear_v/w", lambda c: (c.emb_size, c.dense_ffn_size),
+                     (EMBED, DENSE_FFN), 1, "dense mlp", _has_dense_mlp)  # up_proj
+DENSE_OUT = _matrix("dense_mlp/linear_1/w", lambda c: (c.dense_ffn_size, c.emb_size),
+                    (DENSE_FFN, EMBED), 8, "dense mlp", _has_dense_mlp)  # down_proj
 
 PARAMS: tuple[ParamSpec, ...] = (
     EMBEDDINGS, LM_HEAD, FINAL_NORM, QUERY, KEY, VALUE, ATTENTION_OUT, QUERY_BIAS, KEY_BIAS,
     VALUE_BIAS, QUERY_NORM, KEY_NORM, PRE_ATTENTION_NORM, POST_ATTENTION_NORM, PRE_MOE_NORM,
     POST_MOE_NORM, ROUTER, EXPERT_IN, EXPERT_GATE, EXPERT_OUT, SHARED_IN, SHARED_GATE,
-    SHARED_OUT, SHARED_EXPERT_GATE)
+    SHARED_OUT, SHARED_EXPERT_GATE, DENSE_IN, DENSE_GATE, DENSE_OUT)
 
 
 def params_for(config: ModelConfig) -> tuple[ParamSpec, ...]:

@@ -105,12 +105,14 @@ def matmul(x: jax.Array, w: quant.Weight, param: ParamSpec, plan: ShardingPlan,
   return _shard_map(plan, body, (P(*lead, rows_axis), spec, P()), P(*lead, None))(x, w, layer)
 
 
-def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, layer=None):
+def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, layer=None,
+           temperature=None):
   """attention.attend with the query heads split over the model axis.
 
   q [B, T, H, d]; keys, values [B, S, K, d] (or the whole cache
   [L, B, S, K, d] and the `layer` to read, a traced index); mask [B, T, S]
-  -> [B, T, H*d], split on the heads. Each device holds H/n query heads.
+  -> [B, T, H*d], split on the heads; temperature [B, T] or None, as in
+  `attention.attend`. Each device holds H/n query heads.
   When n divides K it holds their K/n KV heads; otherwise the KV heads are
   copied and each device takes the ones its query heads use (head j uses
   KV head j // G).
@@ -126,7 +128,7 @@ def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, la
 
   read_layer = layer is not None  # else keys, values are [B, S, K, d] and `layer` unused
 
-  def body(q, keys, values, mask, layer):
+  def body(q, keys, values, mask, layer, temperature):
     if plan.kv_heads_sharded:
       local_kv = keys.shape[-2]
     else:
@@ -140,12 +142,13 @@ def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, la
         kv_index = (first_head + jnp.arange(local_heads)) // groups              # [H/n]
         keys, values = (jnp.take(a, kv_index, axis=2) for a in (keys, values))   # [B, S, H/n, d]
     local = config.replace(num_q_heads=local_heads, num_kv_heads=local_kv)
-    return attention.attend(q, keys, values, mask, local,
-                            layer=layer if read_layer else None)                 # [B, T, H/n*d]
+    return attention.attend(q, keys, values, mask, local, layer=layer if read_layer else None,
+                            temperature=temperature)                             # [B, T, H/n*d]
 
-  return _shard_map(
-      plan, body, (P(rows, None, MODEL, None), kv_spec, kv_spec, P(rows, None, None), P()),
-      P(rows, None, MODEL))(q, keys, values, mask, jnp.int32(0) if layer is None else layer)
+  in_specs = (P(rows, None, MODEL, None), kv_spec, kv_spec, P(rows, None, None), P(),
+              None if temperature is None else P(rows, None))
+  return _shard_map(plan, body, in_specs, P(rows, None, MODEL))(
+      q, keys, values, mask, jnp.int32(0) if layer is None else layer, temperature)
 
 
 def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, params: tuple[ParamSpec, ...],

@@ -36,7 +36,7 @@ from grok_moe import quant
 from grok_moe.config import ModelConfig
 from grok_moe.errors import ConfigError, MeshError
 from grok_moe.kv_cache import KVCache, init_cache
-from grok_moe.params import EXPERTS, FFN, KV_HEADS, Q_HEADS, SHARED_FFN, VOCAB
+from grok_moe.params import DENSE_FFN, EXPERTS, FFN, KV_HEADS, Q_HEADS, SHARED_FFN, VOCAB
 
 DATA = "data"
 MODEL = "model"
@@ -123,6 +123,8 @@ _SHARED_RULES = (
     AxisRule(KV_HEADS, MODEL, "num_kv_heads", REPLICATE),
     # a shared expert's hidden units, as the routed experts' in tensor mode
     AxisRule(SHARED_FFN, MODEL, "shared_expert_ffn_size", REPLICATE),
+    # Grok-2's dense MLP: hidden units split, its output summed over the model axis
+    AxisRule(DENSE_FFN, MODEL, "dense_ffn_size", REPLICATE),
 )
 
 AXIS_RULES: dict[str, tuple[AxisRule, ...]] = {
