@@ -460,7 +460,9 @@ def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | No
   Each table entry is built in its final layout (`sharding`'s, or the default
   device): one layer at a time, each device's part read as a slice of the
   mapped safetensors files (`jax.make_array_from_callback`), then written into
-  its slot of the stack. Weights keep the checkpoint's dtype, or `dtype`.
+  its slot of the stack. Weights keep the checkpoint's dtype, or `dtype`. Files
+  split by tensor-parallel rank (Grok-2) are joined per device: each device
+  reads only the rank slices its shard overlaps (`grok_moe.rank_files`).
 
   With quantize="int8" the matrices the release quantizes become int8 with
   bfloat16 scales in the release's layouts (`quant.quantize`: per output

@@ -119,6 +119,9 @@ GROK2_WORD_SPLIT_V1 = "|".join((
     r"\s+",
 ))
 MAX_TOK_JSON_BYTES = 256 * 1024 * 1024
+# Text a pre-tokenizer pattern must split into non-empty pieces that cover it: tiktoken
+# silently drops text no piece covers, and panics on an empty piece.
+_PATTERN_PROBE = "Human: It's 2024, isn't it?<|eos|>\n\n  héllo\tworld 日本語 -- $x_1 \r\n end  "
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -237,12 +240,32 @@ def _read_tok_json(data, path: str):
   pattern = data.get("pat_str", GROK2_WORD_SPLIT_V1)
   if not isinstance(pattern, str) or not pattern:
     raise fail("pat_str is not a non-empty string")
+  _check_pattern(pattern, fail)
   vocab_size = data.get("vocab_size")
   if vocab_size is not None and (vocab_size != len(ids) or vocab_size != max(ids) + 1
                                  or isinstance(vocab_size, bool)):
     raise fail(f"vocab_size {vocab_size!r} is not the number of tokens ({len(ids)}) with ids "
                f"0 .. {vocab_size - 1 if isinstance(vocab_size, int) else '?'}")
   return ranks, special, pattern, vocab_size
+
+
+def _check_pattern(pattern: str, fail) -> None:
+  """Raises fail(...) unless `pattern` compiles and splits _PATTERN_PROBE into non-empty
+  pieces that cover all of it (the `regex` module reads tiktoken's pattern syntax)."""
+  import regex  # installed with tiktoken
+  try:
+    pieces = [match.span() for match in regex.finditer(pattern, _PATTERN_PROBE)]
+  except (regex.error, RecursionError) as error:
+    raise fail(f"pat_str does not compile ({error})") from None
+  covered = 0
+  for start, end in pieces + [(len(_PATTERN_PROBE), None)]:
+    if start > covered:
+      raise fail(f"pat_str skips the text {_PATTERN_PROBE[covered:start]!r}; it must split "
+                 "all text into pieces")
+    if end == start:
+      raise fail(f"pat_str matches empty text before {_PATTERN_PROBE[start:start + 10]!r}; "
+                 "it must split all text into non-empty pieces")
+    covered = end
 
 
 def open_tokenizer(path: str | os.PathLike) -> Tokenizer:

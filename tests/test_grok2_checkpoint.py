@@ -15,9 +15,12 @@ import json
 import math
 import pathlib
 import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
+import hypothesis
+import hypothesis.strategies as st
 import ml_dtypes
 import numpy as np
 import pytest
@@ -445,7 +448,9 @@ def test_the_v1_pattern_splits_as_the_spec_says():
     (lambda d: d["regular_tokens"][4].update(bytes=[300]), "integers 0..255"),
     (lambda d: d["regular_tokens"][4].update(token="x"), "token 'x'"),
     (lambda d: d.update(vocab_size=1000), "vocab_size 1000"),
-    (lambda d: d.update(pat_str="(unclosed"), "tiktoken refuses it"),
+    (lambda d: d.update(pat_str="(unclosed"), "pat_str does not compile"),
+    (lambda d: d.update(pat_str=r"\p{L}+"), "pat_str skips the text ': '"),
+    (lambda d: d.update(pat_str=r"\S*|\s"), "pat_str matches empty text"),
     (lambda d: d.update(special_tokens={"a": 1}), "special_tokens is not a list"),
     (lambda d: d.clear(), "regular_tokens is not a list"),
 ])
@@ -458,6 +463,42 @@ def test_malformed_tokenizer_files_are_refused_naming_the_file(tmp_path, change,
   path.write_text(json.dumps(data))
   with pytest.raises(TokenizerError, match=re.escape(str(path)) + ".*" + message):
     TiktokenTokenizer(path)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3),
+    max_leaves=6)
+
+
+@hypothesis.settings(max_examples=80, deadline=None)
+@hypothesis.given(field=st.sampled_from(["regular_tokens", "special_tokens", "word_split",
+                                         "pat_str", "vocab_size"]),
+                  index=st.integers(0, 300), key=st.sampled_from(["bytes", "token", None]),
+                  value=_JSON_VALUES)
+def test_mutated_tokenizer_files_open_or_are_refused(field, index, key, value):
+  """Any one field or entry of tokenizer.tok.json replaced by a random JSON value gives a
+  tokenizer that round-trips text, or a TokenizerError naming the file: never another
+  exception (or a tiktoken panic, which would end the process)."""
+  data = grok2_tokenizer_json()
+  entries = data[field] if field in ("regular_tokens", "special_tokens") else None
+  if entries is None:
+    data[field] = value
+  elif key is None:
+    entries[index % len(entries)] = value
+  else:
+    entries[index % len(entries)][key] = value
+  with tempfile.TemporaryDirectory() as directory:
+    path = pathlib.Path(directory) / "tokenizer.tok.json"
+    path.write_text(json.dumps(data))
+    try:
+      tokenizer = TiktokenTokenizer(path)
+    except TokenizerError as error:
+      assert str(path) in str(error)
+      return
+  text = "Human: abc 12<|eos|>\n"
+  assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_tokenizer_file_that_is_not_json_is_refused(tmp_path):
