@@ -179,9 +179,12 @@ def _grok2(hf: dict) -> dict[str, Any]:
   temperature, rope_theta 10000, no RoPE scaling; no BOS exists, so bos_token is the
   EOS id (it only starts an empty prompt), EOS is 2 unless eos_token_id says."""
   rope_type = hf.get("rope_type")
-  if rope_type not in GROK2_ROPE_TYPES:
-    raise ConfigError(f"config.json's rope_type {rope_type!r} is not supported: only "
-                      "\"original\" (plain RoPE) is implemented, not YaRN or theta scaling")
+  scaling = hf.get("rope_scaling") or {}  # SGLang reads only rope_type; refuse another form
+  if rope_type not in GROK2_ROPE_TYPES or (
+      scaling and (not isinstance(scaling, dict)
+                   or scaling.get("rope_type", scaling.get("type")) not in ("original", "default"))):
+    raise ConfigError(f"config.json's rope_type {rope_type or scaling!r} is not supported: "
+                      "only \"original\" (plain RoPE) is implemented, not YaRN or theta scaling")
   emb = _field(hf, "hidden_size")
   key_size = _field(hf, "head_dim", 128, required=False)
   residual_moe = hf.get("residual_moe", False)

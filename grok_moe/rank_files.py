@@ -64,12 +64,12 @@ class RankFiles:
       file = SafetensorsFile(path)
       if match["rank"] == "common":
         for name in file.names():
-          self._add(self.common, name, file)
+          self._add(self.common, name, name, file)
         continue
       rank = int(match["rank"])
       prefixes.setdefault(match["prefix"], set()).add(rank)
       for name in file.names():
-        self._add(self.ranked.setdefault(name, {}), rank, file, name)
+        self._add(self.ranked.setdefault(name, {}), rank, name, file)
     self.num_ranks = 1 + max((max(ranks) for ranks in prefixes.values()), default=-1)
     for prefix, ranks in sorted(prefixes.items()):
       for rank in range(self.num_ranks):
@@ -80,10 +80,12 @@ class RankFiles:
               "again")
     self._checked: set[str] = set()
 
-  def _add(self, table: dict, key, file: SafetensorsFile, name: str | None = None) -> None:
+  @staticmethod
+  def _add(table: dict, key, name: str, file: SafetensorsFile) -> None:
+    """table[key] = file, the tensor `name`'s (or its rank's) file, unless one holds it."""
     if key in table:
-      raise CheckpointError(f"{table[key].path} and {file.path} both hold {name or key}; "
-                            "remove the duplicate file")
+      raise CheckpointError(f"{table[key].path} and {file.path} both hold {name}; remove the "
+                            "duplicate file")
     table[key] = file
 
   def _rank_views(self, name: str, shape: tuple[int, ...], rank_axis: int | None):
@@ -93,6 +95,11 @@ class RankFiles:
     if rank_axis is None:
       raise CheckpointError(f"{files[min(files)].path} holds {name}, which is not split by "
                             "rank; it belongs in a TP-common file")
+    absent = [rank for rank in range(self.num_ranks) if rank not in files]
+    if absent:
+      raise CheckpointError(f"{name} is in {files[min(files)].path} but in no TP-"
+                            f"{absent[0]:03d} file of {self.root}; the rank files do not match "
+                            "each other")
     views = [files[rank].view(name) for rank in range(self.num_ranks)]
     if name in self._checked:
       return views

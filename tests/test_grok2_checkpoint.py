@@ -195,9 +195,13 @@ def test_full_size_config_json_gives_the_grok_2_preset():
 @pytest.mark.parametrize("rope_type", ["yarn", "yarn_log", "theta_scale", "linear"])
 def test_rope_types_other_than_original_are_refused(rope_type):
   """YaRN and the other scalings change the frequencies; they are not implemented, so such
-  a config is refused by name, not run with plain RoPE."""
+  a config (rope_type, as SGLang reads it, or a Hugging Face rope_scaling) is refused by
+  name, not run with plain RoPE."""
   with pytest.raises(CheckpointError, match=f"rope_type '{rope_type}' is not supported"):
     hf_checkpoint.model_config({**grok2_config_json(CONFIG), "rope_type": rope_type})
+  hf = {k: v for k, v in grok2_config_json(CONFIG).items() if k != "rope_type"}
+  with pytest.raises(CheckpointError, match=f"rope_type .*'{rope_type}'.* is not supported"):
+    hf_checkpoint.model_config({**hf, "rope_scaling": {"rope_type": rope_type, "factor": 16}})
 
 
 def test_grok_1_in_sglang_layout_is_refused_by_name():
@@ -367,8 +371,9 @@ def _expert_file(directory: pathlib.Path, rank: int, kind: str = "w1") -> pathli
 
 
 def test_errors_name_the_file(grok2_dir, tmp_path):
-  """A missing rank file, a rank slice of the wrong shape, a tensor of the wrong dtype and a
-  missing tensor are CheckpointErrors naming the file or tensor."""
+  """A missing rank file (one of a kind's, or the last rank of all), a rank slice of the
+  wrong shape, ranks of differing dtypes, a tensor that is not a float and a missing
+  tensor are CheckpointErrors naming the file or tensor."""
   source, _ = grok2_dir
   directory = _copy(source, tmp_path / "missing")
   missing = _expert_file(directory, 3)
@@ -388,6 +393,15 @@ def test_errors_name_the_file(grok2_dir, tmp_path):
   write_safetensors(wrong, {name: np.zeros((CONFIG.emb_size, 4), np.float32)
                             for name in view.names()})
   with pytest.raises(CheckpointError, match=re.escape(f"{wrong}: model.layers.0.")):
+    hf_checkpoint.load(directory)
+
+  directory = _copy(source, tmp_path / "rank_dtype")  # one rank in bfloat16, the rest float32
+  odd = _expert_file(directory, 6, "w3")
+  view = SafetensorsFile(odd)
+  write_safetensors(odd, {name: np.asarray(view.view(name)).astype(ml_dtypes.bfloat16)
+                          for name in view.names()})
+  with pytest.raises(CheckpointError, match=re.escape(f"{odd}: model.layers.0.") +
+                     ".* is bfloat16 but .* holds it as float32"):
     hf_checkpoint.load(directory)
 
   directory = _copy(source, tmp_path / "dtype")
