@@ -332,6 +332,20 @@ def test_the_tiny_grok_2_preset_loads_from_two_ranks(tmp_path):
   _assert_params_equal(params, source)
 
 
+def test_a_merged_bfloat16_checkpoint_loads(tmp_path):
+  """Grok-2 with the rank slices joined into one model.safetensors (as republished
+  merges store it), in bfloat16, loads through the ordinary one-file reader. Catches
+  bfloat16 refused as "not a float tensor" (numpy does not count it as floating)."""
+  config = CONFIG.replace(num_layers=1)
+  source = param_table.init_params(config, SEED)
+  write_safetensors(tmp_path / "model.safetensors", {
+      name: array.astype(ml_dtypes.bfloat16)
+      for name, (array, _) in grok2_tensors(source, config).items()})
+  (tmp_path / "config.json").write_text(json.dumps(grok2_config_json(config)))
+  _, params = hf_checkpoint.load(tmp_path)
+  _assert_params_equal(params, source, np.dtype(ml_dtypes.bfloat16))
+
+
 def test_int8_on_the_way_in(grok2_dir):
   """quantize="int8" into a 1x2 mesh's shards: every quantized matrix (experts, dense MLP,
   attention) is exactly quant.quantize of the source layer, with the table's row blocks
