@@ -180,9 +180,9 @@ def _grok2(hf: dict) -> dict[str, Any]:
   EOS id (it only starts an empty prompt), EOS is 2 unless eos_token_id says."""
   rope_type = hf.get("rope_type")
   scaling = hf.get("rope_scaling") or {}  # SGLang reads only rope_type; refuse another form
-  if rope_type not in GROK2_ROPE_TYPES or (
-      scaling and (not isinstance(scaling, dict)
-                   or scaling.get("rope_type", scaling.get("type")) not in ("original", "default"))):
+  scaling_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else 0
+  if rope_type not in GROK2_ROPE_TYPES or (scaling and scaling_type not in ("original",
+                                                                           "default")):
     raise ConfigError(f"config.json's rope_type {rope_type or scaling!r} is not supported: "
                       "only \"original\" (plain RoPE) is implemented, not YaRN or theta scaling")
   emb = _field(hf, "hidden_size")
