@@ -26,7 +26,8 @@ from grok_moe.sharding import ShardingPlan, fetch
 from grok_moe.tokenizer import TextStream, Tokenizer, open_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json")  # SentencePiece, Hugging Face
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json",  # SentencePiece, Hugging Face,
+                   "tokenizer.tok.json")              # Grok-2's tiktoken file
 SEED_LIMIT = 2 ** 32  # PRNGKey keeps the low 32 bits of a seed: larger ones repeat smaller ones
 
 # Token ids: one prompt (a list of ids or a [T] array), or a batch (lists, or a [B, T] array).
@@ -45,8 +46,8 @@ def default_dtype(mesh=None) -> str:
 
 
 def find_tokenizer(checkpoint_path: str | os.PathLike) -> str | None:
-  """tokenizer.model (or a Hugging Face tokenizer.json) beside ckpt-0, or one level up
-  (checkpoints/ for the release), or None."""
+  """tokenizer.model (or a Hugging Face tokenizer.json, or Grok-2's tokenizer.tok.json)
+  beside ckpt-0, or one level up (checkpoints/ for the release), or None."""
   path = pathlib.Path(checkpoint_path)
   root = path.parent if path.name == checkpoint.TENSOR_DIR else path
   for directory in (root, root.parent):
@@ -226,7 +227,8 @@ class Model:
                       quantize: str | None = None) -> "Model":
     """Loads a checkpoint: release format (a directory holding ckpt-0/, or ckpt-0/ itself),
     or a Hugging Face directory of a supported family (config.json with its model_type
-    and *.safetensors: Mixtral, Qwen2-MoE, Qwen3-MoE; see grok_moe.hf_checkpoint),
+    and *.safetensors: Mixtral, Qwen2-MoE, Qwen3-MoE, and Grok-2's files split by
+    tensor-parallel rank; see grok_moe.hf_checkpoint),
     whose weights keep their dtype or, with quantize="int8", become int8 with
     per-channel bfloat16 scales on the way in.
 

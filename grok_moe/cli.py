@@ -71,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version", version=f"grok_moe {__version__}")
   parser.add_argument("--prompt", help="the text to complete; read from stdin when omitted "
                       "(an empty prompt starts from BOS)")
-  parser.add_argument("--checkpoint", help="a directory holding ckpt-0/ (or ckpt-0/ itself). "
-                      "Default: see below")
-  parser.add_argument("--tokenizer", help="SentencePiece tokenizer.model. Default: the one "
-                      "beside the checkpoint (checkpoints/tokenizer.model for Grok-1)")
+  parser.add_argument("--checkpoint", help="a directory holding ckpt-0/ (or ckpt-0/ itself), "
+                      "or a Hugging Face directory (Mixtral, Qwen MoE, Grok-2). Default: see "
+                      "below")
+  parser.add_argument("--tokenizer", help="SentencePiece tokenizer.model, Hugging Face "
+                      "tokenizer.json or Grok-2's tokenizer.tok.json. Default: the one beside "
+                      "the checkpoint (checkpoints/tokenizer.model for Grok-1)")
   parser.add_argument("--config", help="a preset name (grok-1, bench, tiny) or a config.json; "
                       "only needed for a checkpoint without config.json that is not Grok-1")
   parser.add_argument("--max-new-tokens", type=int, default=128,

@@ -15,7 +15,11 @@ This module is the adapter at the edge, family by family:
                      host memory holds one layer's shard at a time.
 
 Families: mixtral (MixtralForCausalLM), qwen2_moe (Qwen2MoeForCausalLM),
-qwen3_moe (Qwen3MoeForCausalLM). The model has no branch on the family: the
+qwen3_moe (Qwen3MoeForCausalLM), found by config.json's `model_type`, and
+grok2 (xai-org/grok-2, docs/GROK2_SPEC.md), found by its `architectures`
+["Grok1ForCausalLM"] and its own fields, whatever its `model_type`. Grok-2's
+files are split for tensor parallelism (`*-TP-RRR.safetensors`, no index),
+read by `grok_moe.rank_files`. The model has no branch on the family: the
 config's switches say everything.
 """
 
@@ -36,6 +40,7 @@ from grok_moe import params as P
 from grok_moe import quant
 from grok_moe.config import NO_EOS, ModelConfig
 from grok_moe.errors import CheckpointError, ConfigError
+from grok_moe.rank_files import RankFiles, check_tensor, is_rank_split
 from grok_moe.safetensors_file import SafetensorsFile
 from grok_moe.sharding import ShardingPlan
 
@@ -45,16 +50,17 @@ MAX_CONFIG_BYTES = 1024 * 1024
 
 
 def is_hf_checkpoint(path) -> bool:
-  """Whether `path` is a directory with a Hugging Face config.json (a `model_type`) and
-  safetensors weights."""
+  """Whether `path` is a directory with a Hugging Face config.json (a `model_type`, or
+  Grok-2's architectures) and safetensors weights."""
   path = pathlib.Path(path)
   config = path / CONFIG_FILE
   if not config.is_file() or not any(path.glob("*.safetensors")):
     return False
   try:
-    return "model_type" in json.loads(config.read_text(encoding="utf-8")[:MAX_CONFIG_BYTES])
+    values = json.loads(config.read_text(encoding="utf-8")[:MAX_CONFIG_BYTES])
   except (OSError, ValueError):
     return False
+  return isinstance(values, dict) and ("model_type" in values or family(values) is not None)
 
 
 def read_hf_config(path) -> dict[str, Any]:
@@ -151,20 +157,104 @@ def _qwen3_moe(hf: dict) -> dict[str, Any]:
               qkv_bias=bool(hf.get("attention_bias", False)), qk_norm=True)
 
 
+# Grok-2 (docs/GROK2_SPEC.md, "Config"): SGLang's Grok1ForCausalLM reads config.json; the
+# release's model_type is not known, so Grok-2 is recognised by its class and by fields
+# Grok-1's configs do not have.
+GROK2_ARCHITECTURES = ["Grok1ForCausalLM"]
+_GROK2_FIELDS = ("residual_moe", "moe_intermediate_size", "attn_temperature_len",
+                 "router_logit_softcapping", "final_logit_softcapping")
+GROK2_ROPE_TYPES = (None, "original")  # "original" is plain RoPE; the YaRN kinds are not run
+GROK2_EOS = 2  # the spec: SGLang's tokenizer hard-codes 2 as Grok-2's end of sequence
+
+
+def _off_if_negative(value) -> float:
+  """SGLang's convention for caps and lengths: a negative value (or None) is off (0)."""
+  return 0 if value is None or value < 0 else value
+
+
+def _grok2(hf: dict) -> dict[str, Any]:
+  """Grok-2's fields. Where one is absent, SGLang's default applies (the spec, "Config"):
+  head_dim 128, residual_moe false (no dense MLP), the expert size moe_intermediate_size
+  or else intermediate_size, attention and router caps 30, no final cap, no attention
+  temperature, rope_theta 10000, no RoPE scaling; no BOS exists, so bos_token is the
+  EOS id (it only starts an empty prompt), EOS is 2 unless eos_token_id says."""
+  rope_type = hf.get("rope_type")
+  scaling = hf.get("rope_scaling") or {}  # SGLang reads only rope_type; refuse another form
+  scaling_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else 0
+  if rope_type not in GROK2_ROPE_TYPES or (scaling and scaling_type not in ("original",
+                                                                           "default")):
+    raise ConfigError(f"config.json's rope_type {rope_type or scaling!r} is not supported: "
+                      "only \"original\" (plain RoPE) is implemented, not YaRN or theta scaling")
+  emb = _field(hf, "hidden_size")
+  key_size = _field(hf, "head_dim", 128, required=False)
+  residual_moe = hf.get("residual_moe", False)
+  if not isinstance(residual_moe, bool):
+    raise ConfigError(f"config.json's residual_moe must be true or false, got {residual_moe!r}")
+  expert_ffn = _field(hf, "moe_intermediate_size", None, required=False)
+  if expert_ffn is None:
+    expert_ffn = _field(hf, "intermediate_size")
+  context = _field(hf, "max_position_embeddings")
+  if rope_type == "original" and "original_max_position_embeddings" in hf:
+    # SGLang's RoPE table covers positions below original_max_position_embeddings * scaling
+    context = min(context, int(hf["original_max_position_embeddings"]
+                               * hf.get("scaling_factor", 1.0)))
+  vocab = _field(hf, "vocab_size")
+  pad = _field(hf, "pad_token_id", 0, required=False)
+  eos = _field(hf, "eos_token_id", GROK2_EOS, required=False)
+  eos = eos[0] if isinstance(eos, list) else eos
+  return dict(
+      vocab_size=vocab, emb_size=emb, key_size=key_size,
+      num_q_heads=_field(hf, "num_attention_heads"),
+      num_kv_heads=_field(hf, "num_key_value_heads"), num_layers=_field(hf, "num_hidden_layers"),
+      num_experts=_field(hf, "num_local_experts"),
+      num_selected_experts=_field(hf, "num_experts_per_tok"),
+      widening_factor=expert_ffn / emb, expert_ffn_size=expert_ffn,
+      dense_ffn_size=_field(hf, "intermediate_size") if residual_moe else 0,
+      sequence_len=context, attn_output_multiplier=key_size ** -0.5,
+      embedding_multiplier_scale=_field(hf, "embedding_multiplier_scale"),
+      output_multiplier_scale=_field(hf, "output_multiplier_scale"),
+      attn_logit_cap=_off_if_negative(hf.get("attn_logit_softcapping", 30.0)),
+      router_logit_cap=_off_if_negative(hf.get("router_logit_softcapping", 30.0)),
+      final_logit_cap=_off_if_negative(hf.get("final_logit_softcapping")),
+      attn_temperature_len=_off_if_negative(hf.get("attn_temperature_len")),
+      rms_norm_eps=_field(hf, "rms_norm_eps"),
+      rope_base=float(int(_field(hf, "rope_theta", 10_000, required=False))),  # SGLang: int()
+      expert_activation="gelu_exact", router_renormalize=False, post_norms=True,
+      tie_embeddings=False,  # SGLang always loads a separate lm_head
+      pad_token=pad if isinstance(pad, int) and 0 <= pad < vocab else 0,
+      bos_token=_field(hf, "bos_token_id", eos, required=False), eos_token=eos)
+
+
 _CONFIGS: dict[str, Callable[[dict], dict[str, Any]]] = {
-    "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe,
+    "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "grok2": _grok2,
 }
+MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")  # the families found by model_type
+
+
+def family(hf: dict) -> str | None:
+  """The family of a config.json (its dict): its model_type when supported, "grok2" for
+  Grok-2's architectures with a Grok-2 field, else None."""
+  if hf.get("model_type") in MODEL_TYPES:
+    return hf["model_type"]
+  if hf.get("architectures") == GROK2_ARCHITECTURES and any(f in hf for f in _GROK2_FIELDS):
+    return "grok2"
+  return None
 
 
 def model_config(hf: dict, path="config.json") -> ModelConfig:
-  """The ModelConfig of a Hugging Face config.json (its dict), by its model_type."""
-  family = hf.get("model_type")
-  if family not in _CONFIGS:
-    raise CheckpointError(f"{path}: model_type {family!r} is not supported; supported: "
-                          f"{sorted(_CONFIGS)}")
+  """The ModelConfig of a Hugging Face config.json (its dict), by its family."""
+  name = family(hf)
+  if name is None:
+    if hf.get("architectures") == GROK2_ARCHITECTURES:
+      raise CheckpointError(f"{path}: architectures {GROK2_ARCHITECTURES} without any of "
+                            f"Grok-2's fields {list(_GROK2_FIELDS)} is Grok-1 in SGLang's "
+                            "layout, which is not supported; use the release checkpoint")
+    raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported; "
+                          f"supported: {sorted(MODEL_TYPES)} and Grok-2 "
+                          f"(architectures {GROK2_ARCHITECTURES})")
   try:
-    return ModelConfig(**_CONFIGS[family](hf))
-  except (ConfigError, TypeError, ZeroDivisionError) as error:
+    return ModelConfig(**_CONFIGS[name](hf))
+  except (ConfigError, TypeError, ValueError, ZeroDivisionError) as error:
     raise CheckpointError(f"{path}: {error}") from None
 
 
@@ -190,12 +280,15 @@ class Source:
   `name` is a template with {layer} (and {expert} for experts). `transpose`: the
   Hugging Face tensor is the table's with its last two axes swapped ([out, in]
   Linear weights). `per_expert`: one tensor per expert, stacked on the table's
-  expert axis.
+  expert axis. `rank_axis`: in files split for tensor parallelism
+  (`grok_moe.rank_files`), the axis of the Hugging Face tensor its rank slices
+  split; None: stored whole.
   """
 
   name: str
   transpose: bool = False
   per_expert: bool = False
+  rank_axis: int | None = None
 
 
 def _attention_sources(bias: bool, qk_norm: bool) -> dict[str, Source]:
@@ -242,6 +335,31 @@ def _shared_expert_sources() -> dict[str, Source]:
   }
 
 
+def _grok2_sources() -> dict[str, Source]:
+  """Grok-2's names (docs/GROK2_SPEC.md, "Tensor names"): Grok's four norms, the dense MLP
+  as `mlp`, the experts w1 (gelu'd), w3, w2, their FFN axis split by rank (w1 and w3
+  [Fe, D] by rows, w2 [D, Fe] by columns)."""
+  layer = "model.layers.{layer}."
+  experts = layer + "block_sparse_moe.experts.{expert}."
+  return {
+      **_attention_sources(bias=False, qk_norm=False),
+      P.PRE_ATTENTION_NORM.name: Source(layer + "pre_attn_norm.weight"),
+      P.POST_ATTENTION_NORM.name: Source(layer + "post_attn_norm.weight"),
+      P.PRE_MOE_NORM.name: Source(layer + "pre_moe_norm.weight"),
+      P.POST_MOE_NORM.name: Source(layer + "post_moe_norm.weight"),
+      P.ROUTER.name: Source(layer + "block_sparse_moe.gate.weight", transpose=True),
+      P.EXPERT_IN.name: Source(experts + "w1.weight", transpose=True, per_expert=True,
+                               rank_axis=0),
+      P.EXPERT_GATE.name: Source(experts + "w3.weight", transpose=True, per_expert=True,
+                                 rank_axis=0),
+      P.EXPERT_OUT.name: Source(experts + "w2.weight", transpose=True, per_expert=True,
+                                rank_axis=1),
+      P.DENSE_IN.name: Source(layer + "mlp.gate_proj.weight", transpose=True),
+      P.DENSE_GATE.name: Source(layer + "mlp.up_proj.weight", transpose=True),
+      P.DENSE_OUT.name: Source(layer + "mlp.down_proj.weight", transpose=True),
+  }
+
+
 SOURCES: dict[str, dict[str, Source]] = {
     "mixtral": {**_attention_sources(bias=False, qk_norm=False),
                 **_expert_sources("block_sparse_moe", "w1", "w3", "w2")},
@@ -250,6 +368,9 @@ SOURCES: dict[str, dict[str, Source]] = {
                   **_shared_expert_sources()},
     "qwen3_moe": {**_attention_sources(bias=True, qk_norm=True),
                   **_expert_sources("mlp", "gate_proj", "up_proj", "down_proj")},
+    # lm_head is stored unscaled: the model multiplies the logits by output_multiplier_scale
+    # (SGLang folds the 0.5 into the weight instead; the same function)
+    "grok2": _grok2_sources(),
 }
 
 
@@ -292,28 +413,38 @@ class _Files:
     if name not in file.names():
       raise CheckpointError(f"{file.path} does not hold {name}, which {INDEX_FILE} puts there")
     view = file.view(name)
-    if view.shape != shape:
-      raise CheckpointError(f"{file.path}: {name} has shape {view.shape}, the config needs "
-                            f"{shape}; the checkpoint does not match its config.json")
-    if not np.issubdtype(view.dtype, np.floating):
-      raise CheckpointError(f"{file.path}: {name} is {view.dtype}, not a float tensor")
+    check_tensor(file.path, name, view, shape)
     return view
 
+  def dtype(self, name: str, shape: tuple[int, ...], rank_axis: int | None = None) -> np.dtype:
+    return self.view(name, shape).dtype
 
-def _read_block(files: _Files, source: Source, spec: P.ParamSpec, config: ModelConfig,
+  def read(self, name: str, shape: tuple[int, ...], part, rank_axis: int | None = None
+           ) -> np.ndarray:
+    """The block `part` of the tensor: the pages it covers, copied. (`rank_axis` is for
+    files split by rank, `RankFiles`; these files hold whole tensors.)"""
+    return np.asarray(self.view(name, shape)[part])
+
+
+def _open_files(root: pathlib.Path):
+  """The checkpoint's files: split by rank (`*-TP-*.safetensors`), or whole tensors."""
+  return RankFiles(root) if is_rank_split(root) else _Files(root)
+
+
+def _read_block(files, source: Source, spec: P.ParamSpec, config: ModelConfig,
                 layer: int | None, index) -> np.ndarray:
   """The part `index` (slices over one layer's table shape) of the tensor, read from the
-  mapped files: only that part's pages are touched."""
+  mapped files (`_Files` or `RankFiles`): only that part's pages are touched."""
   shape = spec.layer_shape(config)
   index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
 
   def read(name: str, table_shape: tuple[int, ...], part) -> np.ndarray:
     stored = table_shape[:-2] + table_shape[::-1][:2] if source.transpose else table_shape
-    view = files.view(name, tuple(stored))
     if source.transpose:
       *lead, rows, cols = part
-      return np.asarray(view[(*lead, cols, rows)]).swapaxes(-1, -2)
-    return np.asarray(view[part])
+      block = files.read(name, tuple(stored), (*lead, cols, rows), source.rank_axis)
+      return block.swapaxes(-1, -2)
+    return files.read(name, tuple(stored), tuple(part), source.rank_axis)
 
   if not source.per_expert:
     return read(source.name.format(layer=layer), shape, index)
@@ -332,7 +463,9 @@ def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | No
   Each table entry is built in its final layout (`sharding`'s, or the default
   device): one layer at a time, each device's part read as a slice of the
   mapped safetensors files (`jax.make_array_from_callback`), then written into
-  its slot of the stack. Weights keep the checkpoint's dtype, or `dtype`.
+  its slot of the stack. Weights keep the checkpoint's dtype, or `dtype`. Files
+  split by tensor-parallel rank (Grok-2) are joined per device: each device
+  reads only the rank slices its shard overlaps (`grok_moe.rank_files`).
 
   With quantize="int8" the matrices the release quantizes become int8 with
   bfloat16 scales in the release's layouts (`quant.quantize`: per output
@@ -348,21 +481,22 @@ def load(path, config: ModelConfig | None = None, *, sharding: ShardingPlan | No
   config = checkpoint_config(root, config)
   if sharding is not None:
     sharding.check_config(config)
-  sources = SOURCES[hf["model_type"]]
-  files = _Files(root)
+  name = family(hf)
+  sources = SOURCES[name]
+  files = _open_files(root)
   device = jax.devices()[0]
   flat = {}
   for spec in P.params_for(config):
     source = sources.get(spec.name)
     if source is None:
-      raise CheckpointError(f"{hf['model_type']} checkpoints have no source for {spec.name}")
+      raise CheckpointError(f"{name} checkpoints have no source for {spec.name}")
     if sharding is None:
       whole = layer_sharding = jax.sharding.SingleDeviceSharding(device)
     else:
       whole = sharding.sharding(sharding.spec(spec.stored_axes()))
       layer_sharding = sharding.sharding(sharding.spec(spec.axes))
     first = source.name.format(layer=0, expert=0)
-    stored_dtype = files.view(first, _hf_shape(source, spec, config)).dtype
+    stored_dtype = files.dtype(first, _hf_shape(source, spec, config), source.rank_axis)
     target_dtype = jnp.dtype(dtype or stored_dtype)
 
     def part(index, layer=None, spec=spec, source=source):

@@ -1,8 +1,9 @@
-"""Tokenizers (SentencePiece, and Hugging Face tokenizer.json), with clear errors, and text
-that streams cleanly."""
+"""Tokenizers (SentencePiece, Hugging Face tokenizer.json, Grok-2's tokenizer.tok.json), with
+clear errors, and text that streams cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable
 
@@ -103,9 +104,177 @@ class JsonTokenizer(Tokenizer):
     return self.processor.id_to_token(int(token_id)) or ""
 
 
+# Grok-2's pre-tokenizer "V1" (docs/GROK2_SPEC.md, "The tokenizer file"), alternatives in
+# order: English contractions; one optional non-letter, non-number, non-newline before
+# letters; ONE number character (digits split singly); punctuation runs with an optional
+# leading space and trailing newlines; newlines with the whitespace before them;
+# whitespace not followed by a non-space; any whitespace.
+GROK2_WORD_SPLIT_V1 = "|".join((
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+    r"[^\r\n\p{L}\p{N}]?\p{L}+",
+    r"\p{N}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+))
+MAX_TOK_JSON_BYTES = 256 * 1024 * 1024
+# Text a pre-tokenizer pattern must split into non-empty pieces that cover it: tiktoken
+# silently drops text no piece covers, and panics on an empty piece.
+_PATTERN_PROBE = "Human: It's 2024, isn't it?<|eos|>\n\n  héllo\tworld 日本語 -- $x_1 \r\n end  "
+
+
+class TiktokenTokenizer(Tokenizer):
+  """Grok-2's tokenizer.tok.json, a byte-level BPE run by tiktoken; the same interface.
+
+  The file (docs/GROK2_SPEC.md): `regular_tokens`, a list of {"bytes": [0..255],
+  "token": id}, each byte string's merge rank its id; `special_tokens`, the same
+  for the special tokens, whose bytes are their UTF-8 text; `word_split`, which
+  must be "V1" (the pre-tokenizer GROK2_WORD_SPLIT_V1), or `pat_str`, a pattern
+  that replaces it; optionally `vocab_size`, which must count the tokens exactly
+  and exceed the largest id by one. Text is encoded without BOS (Grok-2 has
+  none), and special-token text in it (<|separator|>, <|eos|>, ...) becomes the
+  special token. Every byte string encodes, so no character is unknown.
+  """
+
+  def __init__(self, path: str | os.PathLike):  # pylint: disable=super-init-not-called
+    self.path = os.fspath(path)
+    if not os.path.isfile(self.path):
+      raise TokenizerError(f"tokenizer not found: {self.path}; pass the path of Grok-2's "
+                           "tokenizer.tok.json (--tokenizer)")
+    try:
+      with open(self.path, "rb") as file:
+        raw = file.read(MAX_TOK_JSON_BYTES + 1)
+      if len(raw) > MAX_TOK_JSON_BYTES:
+        raise TokenizerError(f"{self.path} is over {MAX_TOK_JSON_BYTES} bytes; not a "
+                             "tokenizer.tok.json")
+      data = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+      raise TokenizerError(f"cannot read tokenizer {self.path}: it is not JSON ({error})") from None
+    ranks, special, pattern, vocab_size = _read_tok_json(data, self.path)
+    import tiktoken  # only Grok-2's tokenizer needs it
+    try:
+      self.encoding = tiktoken.Encoding(
+          name=os.path.basename(self.path), pat_str=pattern, mergeable_ranks=ranks,
+          special_tokens=special, explicit_n_vocab=vocab_size)
+    except (ValueError, AssertionError) as error:  # tiktoken: a pattern that does not compile
+      raise TokenizerError(f"{self.path}: tiktoken refuses it ({error}); the file is "
+                           "corrupt") from None
+    self.special_tokens = special
+
+  @property
+  def vocab_size(self) -> int:
+    return self.encoding.n_vocab
+
+  def encode(self, text: str) -> list[int]:
+    """The ids of `text`, without BOS; special-token text becomes its special token."""
+    _check_text(text)
+    return self.encoding.encode(text, allowed_special="all", disallowed_special=())
+
+  def unknown_characters(self, text: str) -> list[str]:
+    return []  # byte-level: every character is some tokens' bytes
+
+  def _bytes(self, token_id: int) -> bytes:
+    try:
+      return self.encoding.decode_single_token_bytes(int(token_id))
+    except (KeyError, OverflowError, ValueError):  # an id the file does not define
+      return "\ufffd".encode()
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """The text of `ids`; bytes that are not UTF-8 and ids the file lacks become U+FFFD."""
+    return b"".join(self._bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+  def piece(self, token_id: int) -> str:
+    return self._bytes(token_id).decode("utf-8", errors="replace")
+
+
+def _read_tok_json(data, path: str):
+  """(mergeable ranks {bytes: id}, special tokens {text: id}, pattern, vocab size or None)
+  of a parsed tokenizer.tok.json; TokenizerError naming the file for anything else."""
+  def fail(problem: str) -> TokenizerError:
+    return TokenizerError(f"{path} is not a valid tokenizer.tok.json: {problem}")
+
+  if not isinstance(data, dict):
+    raise fail("not a JSON object")
+
+  def tokens(field: str) -> list[tuple[bytes, int]]:
+    entries = data.get(field)
+    if not isinstance(entries, list):
+      raise fail(f"{field} is not a list")
+    out = []
+    for entry in entries:
+      if not isinstance(entry, dict):
+        raise fail(f"{field} holds {str(entry)[:80]}, not a {{bytes, token}} object")
+      values, token = entry.get("bytes"), entry.get("token")
+      if (not isinstance(values, list) or not values
+          or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < 256
+                     for b in values)):
+        raise fail(f"a {field} entry's bytes {str(values)[:80]} are not a non-empty list of "
+                   "integers 0..255")
+      if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < 2**31:
+        raise fail(f"a {field} entry's token {token!r} is not an id in [0, 2**31)")
+      out.append((bytes(values), token))
+    return out
+
+  regular, special_entries = tokens("regular_tokens"), tokens("special_tokens")
+  ranks = dict(regular)
+  ids = [token for _, token in regular + special_entries]
+  if len(ranks) != len(regular):
+    raise fail("two regular tokens have the same bytes")
+  if len(set(ids)) != len(ids):
+    raise fail("two tokens have the same id")
+  missing = [b for b in range(256) if bytes([b]) not in ranks]
+  if missing:
+    raise fail(f"no regular token for the single byte(s) {missing[:8]}; a byte-level BPE "
+               "needs all 256")
+  special = {}
+  for value, token in special_entries:
+    try:
+      special[value.decode("utf-8")] = token
+    except UnicodeDecodeError:
+      raise fail(f"the special token {token}'s bytes are not UTF-8 text") from None
+  if len(special) != len(special_entries):
+    raise fail("two special tokens have the same text")
+  if data.get("word_split") != "V1":
+    raise fail(f"word_split is {data.get('word_split')!r}; only \"V1\" is known")
+  pattern = data.get("pat_str", GROK2_WORD_SPLIT_V1)
+  if not isinstance(pattern, str) or not pattern:
+    raise fail("pat_str is not a non-empty string")
+  _check_pattern(pattern, fail)
+  vocab_size = data.get("vocab_size")
+  if vocab_size is not None and (vocab_size != len(ids) or vocab_size != max(ids) + 1
+                                 or isinstance(vocab_size, bool)):
+    raise fail(f"vocab_size {vocab_size!r} is not the number of tokens ({len(ids)}) with ids "
+               f"0 .. {vocab_size - 1 if isinstance(vocab_size, int) else '?'}")
+  return ranks, special, pattern, vocab_size
+
+
+def _check_pattern(pattern: str, fail) -> None:
+  """Raises fail(...) unless `pattern` compiles and splits _PATTERN_PROBE into non-empty
+  pieces that cover all of it (the `regex` module reads tiktoken's pattern syntax)."""
+  import regex  # installed with tiktoken
+  try:
+    pieces = [match.span() for match in regex.finditer(pattern, _PATTERN_PROBE)]
+  except (regex.error, RecursionError) as error:
+    raise fail(f"pat_str does not compile ({error})") from None
+  covered = 0
+  for start, end in pieces + [(len(_PATTERN_PROBE), None)]:
+    if start > covered:
+      raise fail(f"pat_str skips the text {_PATTERN_PROBE[covered:start]!r}; it must split "
+                 "all text into pieces")
+    if end == start:
+      raise fail(f"pat_str matches empty text before {_PATTERN_PROBE[start:start + 10]!r}; "
+                 "it must split all text into non-empty pieces")
+    covered = end
+
+
 def open_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """The tokenizer in `path`: a tokenizer.json (any *.json) or a SentencePiece model."""
-  return JsonTokenizer(path) if os.fspath(path).endswith(".json") else Tokenizer(path)
+  """The tokenizer in `path`, by its name: Grok-2's *.tok.json, a Hugging Face
+  tokenizer.json (any other *.json), or a SentencePiece model."""
+  name = os.fspath(path)
+  if name.endswith(".tok.json"):
+    return TiktokenTokenizer(path)
+  return JsonTokenizer(path) if name.endswith(".json") else Tokenizer(path)
 
 
 def _check_text(text) -> None:
