@@ -295,7 +295,7 @@ class _Files:
     if view.shape != shape:
       raise CheckpointError(f"{file.path}: {name} has shape {view.shape}, the config needs "
                             f"{shape}; the checkpoint does not match its config.json")
-    if not np.issubdtype(view.dtype, np.floating):
+    if not jnp.issubdtype(view.dtype, jnp.floating):  # numpy's says no to bfloat16
       raise CheckpointError(f"{file.path}: {name} is {view.dtype}, not a float tensor")
     return view
 
