@@ -311,3 +311,57 @@ def test_the_two_formats_replace_each_other_in_one_directory(tmp_path):
   _save(params, root, config, overwrite=True)
   assert hf_checkpoint.is_hf_checkpoint(root)
   _assert_same_params(hf_checkpoint.load(root)[1], params)
+
+
+class _Stop(BaseException):
+  """Raised in place of one file-system step of a save."""
+
+
+_SAVE_STEPS = [(os, "mkdir"), (os, "replace"), (os, "rename"), (os, "symlink"), (os, "unlink"),
+               (os, "rmdir"), (os, "fsync"), (shutil, "rmtree"), (hf_save, "write_safetensors")]
+
+
+def test_a_save_stopped_at_every_step_leaves_the_old_or_the_new_checkpoint(tmp_path,
+                                                                            monkeypatch):
+  """A sharded save over a sharded save of the same names, stopped by an exception at
+  each of its file-system steps in turn (every file write, fsync, link, rename and
+  removal): the directory loads as the complete old or the complete new checkpoint,
+  old before some step and new from then on. Catches a step after which the files
+  mix versions, or none loads."""
+  config, params = _fixture("mixtral")
+  new = jax.tree.map(lambda leaf: np.asarray(leaf) * 2, params)
+  limit = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params)) // 3  # 3 or 4 files
+  pristine = _save(params, tmp_path / "pristine", config, max_shard_bytes=limit)
+  outcomes = []
+  step = 0
+  while True:
+    step += 1
+    root = tmp_path / f"step{step}"
+    shutil.copytree(pristine, root, symlinks=True)
+    count = [0]
+    with monkeypatch.context() as patch:
+      for module, name in _SAVE_STEPS:
+        def counted(*args, original=getattr(module, name), **kwargs):
+          count[0] += 1
+          if count[0] == step:
+            raise _Stop()
+          return original(*args, **kwargs)
+        patch.setattr(module, name, counted)
+      try:
+        _save(new, root, config, overwrite=True, max_shard_bytes=limit)
+        finished = True
+      except _Stop:
+        finished = False
+    loaded = param_table.flatten(hf_checkpoint.load(root)[1])
+    is_new = all(np.array_equal(loaded[path], leaf)
+                 for path, leaf in param_table.flatten(new).items())
+    is_old = all(np.array_equal(loaded[path], leaf)
+                 for path, leaf in param_table.flatten(params).items())
+    assert is_old or is_new, f"stopped at step {step}: neither the old nor the new checkpoint"
+    outcomes.append("new" if is_new else "old")
+    shutil.rmtree(root)
+    if finished:
+      break
+  assert outcomes[0] == "old" and outcomes[-1] == "new"
+  assert outcomes == sorted(outcomes, reverse=True)  # old ... old new ... new: one switch
+  assert step > 10  # every file write and fsync was a stop point
