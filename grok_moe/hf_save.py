@@ -15,9 +15,9 @@ Algorithm:
      into files of at most `max_shard_bytes` (a larger tensor gets a file of
      its own): `model.safetensors`, or `model-0000i-of-0000n.safetensors` with
      `model.safetensors.index.json` when there are several.
-  3. Write each file, one tensor at a time: its slice is taken from the
-     (possibly sharded) device array, dequantized, cast and transposed on the
-     device, and only that tensor is copied to the host and appended.
+  3. Write each file, one tensor at a time: each device shard holding part
+     of it gives that part (so a sharded array is never gathered whole), the
+     tensor is dequantized, cast and transposed, and appended.
   4. All of it goes into a new version directory that one swap makes current
      (`checkpoint_dir.staged_save`, published: every file is also reachable
      at the top of the directory, where Hugging Face readers look).
@@ -136,22 +136,45 @@ def pack(tensors: list[HfTensor], max_shard_bytes: int) -> dict[str, list[HfTens
   return {shard_file_name(i, len(shards)): shard for i, shard in enumerate(shards, start=1)}
 
 
+def _host_slice(array, index: tuple[int, ...]) -> np.ndarray:
+  """array[index] (`index`: leading integers) on the host. From a device array, each
+  device shard that holds part of it gives that part, sliced on its own device (no
+  collective, nothing gathered but the tensor); replicas are read once."""
+  if not isinstance(array, jax.Array):
+    return np.asarray(array[index])
+  out = np.empty(array.shape[len(index):], array.dtype)
+  done, filled = set(), 0
+  for shard in array.addressable_shards:
+    lead, rest = shard.index[:len(index)], shard.index[len(index):]
+    bounds = tuple(part.indices(size) for part, size in zip(rest, out.shape))
+    holds = all(i in range(size)[part] for part, i, size in zip(lead, index, array.shape))
+    if not holds or bounds in done:
+      continue
+    local = tuple(i - (part.start or 0) for part, i in zip(lead, index))
+    piece = np.asarray(shard.data[local])
+    out[rest] = piece
+    done.add(bounds)
+    filled += piece.size
+  if filled != out.size:
+    raise CheckpointError("a parameter is spread over several processes; save from params "
+                          "that one process holds whole (e.g. gathered with "
+                          "grok_moe.sharding.fetch)")
+  return out
+
+
 @functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
-def _device_tensor(leaf, index, dtype, transpose: bool):
-  """leaf[index] (a QuantizedWeight dequantized) in `dtype`, its last two axes swapped if
-  `transpose`; the index is traced, so one compilation serves every layer and expert."""
-  part = quant.dequantize(quant.take(leaf, index), dtype)      # [..., in, out]
+def _converted(tensor, dtype, transpose: bool):
+  """One tensor (a QuantizedWeight dequantized) in `dtype`, its last two axes swapped if
+  `transpose`."""
+  part = quant.dequantize(tensor, dtype)                        # [..., in, out]
   return jnp.swapaxes(part, -1, -2) if transpose else part      # [..., out, in]
 
 
 def _fetch(leaf, tensor: HfTensor) -> np.ndarray:
-  """Step 3 for one tensor: its slice of the stacked leaf, dequantized, cast and
-  transposed on the device, then copied to the host. A leaf that is not a device
-  array (numpy) is sliced on the host first, so only the tensor goes to the device."""
-  index = tensor.index
-  if not all(isinstance(part, jax.Array) for part in jax.tree.leaves(leaf)):
-    leaf, index = jax.tree.map(lambda array: array[index], leaf), ()
-  return np.asarray(_device_tensor(leaf, index, tensor.dtype, tensor.transpose))
+  """Step 3 for one tensor: its slice of the stacked leaf copied to the host from the
+  devices that hold it, then dequantized, cast and transposed (on the default device)."""
+  part = jax.tree.map(lambda array: _host_slice(array, tensor.index), leaf)
+  return np.asarray(_converted(part, tensor.dtype, tensor.transpose))
 
 
 def _stacked(params, config: ModelConfig) -> dict[str, Any]:
@@ -195,6 +218,8 @@ def save(params, path, config: ModelConfig, *, dtype=None,
   hf["torch_dtype"] = tensors[0].dtype.name  # the embeddings'
   files = pack(tensors, max_shard_bytes)
   root = pathlib.Path(path)
+  if root.name == checkpoint_dir.TENSOR_DIR:  # D/ckpt-0 of an earlier save: D, as the release's
+    root = root.parent
   if root.exists() and not root.is_dir():
     raise CheckpointError(f"{root} is a file; pass a directory for the checkpoint")
   present = existing_checkpoint(root)

@@ -207,13 +207,17 @@ def test_dtype_bfloat16_writes_every_tensor_rounded_once_and_it_loads(tmp_path):
     assert np.array_equal(np.asarray(param_table.flatten(loaded)[path]), want), path
 
 
-def test_params_sharded_on_a_mesh_save_as_on_one_device(tmp_path):
-  """Params laid out on a 2-device mesh (experts split) are written tensor by tensor to
-  the same files. Catches a save that reads only the first device's shard."""
-  config, params = _fixture("qwen3_moe")
+@pytest.mark.parametrize("mode", ["expert", "tensor"])
+def test_params_sharded_on_a_mesh_save_as_on_one_device(tmp_path, mode):
+  """Params laid out on a 2-device mesh (whole experts, or every expert's FFN columns,
+  split) are written tensor by tensor to the same files. Catches a save that reads
+  only the first device's shard or puts a shard's columns in the wrong place."""
+  config, _ = _fixture("qwen3_moe")
   plan = sharding.ShardingPlan(config, sharding.make_mesh(
-      1, 2, devices=jax.devices()[:2]), "expert")
+      1, 2, devices=jax.devices()[:2]), mode)
   _, placed = hf_checkpoint.load(FAMILIES_DIR / "qwen3_moe", sharding=plan)
+  experts = param_table.flatten(placed)[param_table.EXPERT_IN.path]
+  assert len({str(shard.index) for shard in experts.addressable_shards}) == 2  # really split
   root = _save(placed, tmp_path / "saved", config)
   source = _tensors(FAMILIES_DIR / "qwen3_moe")
   saved = _tensors(root)
