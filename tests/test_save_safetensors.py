@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok_moe import checkpoint, hf_checkpoint, hf_save, quant, sharding
+from grok_moe import checkpoint, convert, hf_checkpoint, hf_save, quant, sharding
 from grok_moe import params as param_table
 from grok_moe.config import TINY
 from grok_moe.errors import CheckpointError
@@ -369,3 +369,46 @@ def test_a_save_stopped_at_every_step_leaves_the_old_or_the_new_checkpoint(tmp_p
   assert outcomes[0] == "old" and outcomes[-1] == "new"
   assert outcomes == sorted(outcomes, reverse=True)  # old ... old new ... new: one switch
   assert step > 10  # every file write and fsync was a stop point
+
+
+# --- python -m grok_moe.convert ---
+
+def test_convert_goes_to_the_release_format_and_back_with_the_tokenizer(tmp_path):
+  """A Hugging Face checkpoint converted to the release format and back: the weights the
+  release quantizes come back as exactly their int8 values times their scales (the
+  release's quantization, recomputed here in NumPy), the others unchanged, and
+  tokenizer.json travels along. Catches a converter that loses the tokenizer, reads the
+  release checkpoint with the wrong config, or writes other values than it loaded."""
+  source = tmp_path / "source"
+  shutil.copytree(FAMILIES_DIR / "qwen3_moe", source)
+  config, params = _fixture("qwen3_moe")
+  assert convert.main([str(source), str(tmp_path / "release"), "--format", "release"]) == 0
+  assert checkpoint.checkpoint_config(tmp_path / "release") == config
+  assert convert.main([str(tmp_path / "release"), str(tmp_path / "back"),
+                       "--format", "safetensors"]) == 0
+  loaded_config, loaded = hf_checkpoint.load(tmp_path / "back")
+  assert loaded_config == config
+  loaded = param_table.flatten(loaded)
+  for spec in param_table.params_for(config):
+    original = np.asarray(param_table.flatten(params)[spec.path])
+    want = original
+    if spec.quantized:
+      want = _dequantized(quant.quantize(original, spec.blocks_for_rows(original.shape[-2])))
+    assert np.array_equal(np.asarray(loaded[spec.path]), want), spec.path
+  for directory in ("release", "back"):
+    assert ((tmp_path / directory / "tokenizer.json").read_bytes()
+            == (source / "tokenizer.json").read_bytes())
+
+
+def test_convert_of_a_config_no_family_has_is_one_error_line_and_writes_nothing(tmp_path,
+                                                                              capsys):
+  """Catches a traceback, or a half-made destination, for a Grok-style checkpoint asked
+  for as safetensors."""
+  checkpoint.save_checkpoint(param_table.init_params(TINY), tmp_path / "grok", TINY,
+                             progress=False)
+  code = convert.main([str(tmp_path / "grok"), str(tmp_path / "out"), "--format",
+                       "safetensors"])
+  error = capsys.readouterr().err.strip()
+  assert code == 2 and error.startswith("error: ") and "\n" not in error
+  assert 'format="release"' in error
+  assert not (tmp_path / "out").exists()
