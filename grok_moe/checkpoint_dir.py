@@ -233,6 +233,7 @@ def _link_files(root: pathlib.Path, names: list[str],
   """Step 4 of the module docstring: link `names` (the new version's files) into root;
   first remove root's entries that `published` claims and the new version lacks, and
   links into ckpt-0 that now lead nowhere."""
+  # An old index goes first: a reader then never follows it to shards of the old version.
   for entry in sorted(os.listdir(root), key=lambda name: not name.endswith(".json")):
     path = root / entry
     claimed = published is not None and published(entry) and entry not in names

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok_moe import checkpoint, convert, hf_checkpoint, hf_save, quant, sharding
+from grok_moe import Model, checkpoint, convert, hf_checkpoint, hf_save, quant, sharding
 from grok_moe import params as param_table
 from grok_moe.config import TINY
 from grok_moe.errors import CheckpointError
@@ -286,8 +286,9 @@ def test_a_save_that_fails_midway_leaves_the_old_checkpoint(tmp_path, error):
 
 def test_overwriting_a_plain_hub_directory_replaces_its_shards_and_keeps_the_rest(tmp_path):
   """Saving one file over a hub directory of several shards removes the old shards and
-  index (else the stale index would be read), keeps tokenizer.json, and loads back.
-  Catches files of the previous checkpoint left behind."""
+  index (else the stale index would be read), keeps tokenizer.json, and
+  Model.from_checkpoint loads it with its tokenizer. Catches files of the previous
+  checkpoint left behind."""
   root = tmp_path / "mixtral"
   shutil.copytree(FAMILIES_DIR / "mixtral", root)
   assert (root / hf_checkpoint.INDEX_FILE).exists()
@@ -298,7 +299,9 @@ def test_overwriting_a_plain_hub_directory_replaces_its_shards_and_keeps_the_res
   assert "model.safetensors" in names and hf_checkpoint.INDEX_FILE not in names
   assert [name for name in names if name.endswith(".safetensors")] == ["model.safetensors"]
   assert "tokenizer.json" in names
-  _assert_same_params(hf_checkpoint.load(root)[1], doubled)
+  model = Model.from_checkpoint(root, progress=False, compilation_cache=False)
+  assert model.config == config and model.tokenizer is not None
+  _assert_same_params(model.params, doubled)
 
 
 def test_the_two_formats_replace_each_other_in_one_directory(tmp_path):
