@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "loaded; int8 weights dequantized to float32)")
   parser.add_argument("--max-shard-bytes", type=int,
                       help=f"safetensors only: the largest file (default: "
-                      f"{hf_save.MAX_SHARD_BYTES}, the hub's 5 GB)")
+                      f"{hf_save.MAX_SHARD_BYTES}, 5 GB)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace a checkpoint already in DST")
   return parser

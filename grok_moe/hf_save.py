@@ -49,7 +49,7 @@ from grok_moe.config import ModelConfig
 from grok_moe.errors import CheckpointError, ConfigError
 from grok_moe.safetensors_file import write_safetensors
 
-MAX_SHARD_BYTES = 5 * 10**9  # the hub's default shard size, 5 GB
+MAX_SHARD_BYTES = 5 * 10**9  # 5 GB: transformers 4's default, the shard size of the hub's models
 SINGLE_FILE = "model.safetensors"
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -206,7 +206,11 @@ def save(params, path, config: ModelConfig, *, dtype=None,
   Files beside the checkpoint (tokenizer.json, ...) are left alone; a previous
   checkpoint's files that the new one lacks (other shards, an index) are removed.
   """
-  if dtype is not None and np.dtype(dtype).name not in DTYPES:
+  try:
+    known = dtype is None or np.dtype(dtype).name in DTYPES
+  except TypeError:
+    known = False
+  if not known:
     raise CheckpointError(f"dtype must be one of {DTYPES} (or None: as the params hold "
                           f"them), got {dtype!r}")
   if (not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool)
