@@ -27,7 +27,8 @@ Saving (`save_checkpoint`) slices stacked params back into the release's
 per-layer tensors, quantizes float weights the way the release did and
 writes a new version directory that one atomic swap makes current; see
 `checkpoint_dir` for the layout and why every instant holds the old or the new
-checkpoint, config.json included.
+checkpoint, config.json included. `save_checkpoint(..., format="safetensors")`
+writes a Hugging Face checkpoint of the config's family instead (`hf_save`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import ml_dtypes
 import numpy as np
 import tqdm
 
-from grok_moe import checkpoint_dir, config_file, hf_checkpoint, manifest
+from grok_moe import checkpoint_dir, config_file, hf_checkpoint, hf_save, manifest
 from grok_moe import params as param_table
 from grok_moe import quant, release_pickle
 from grok_moe import sharding as sharding_module
@@ -379,23 +380,47 @@ def _params_for_config(params, config: ModelConfig) -> dict[str, Any]:
   return dict(param_table.release_tensors(params, config))
 
 
-def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = False,
-                    progress: bool = True) -> pathlib.Path:
-  """Write `params` to path/ckpt-0 (+ path/config.json) in the release format.
+SAVE_FORMATS = ("release", "safetensors")
 
-  `path` is the checkpoint directory D (or D/ckpt-0); files beside ckpt-0,
-  such as tokenizer.model, are left alone. Leaves may be float or
-  QuantizedWeight, numpy or jax: see `_release_leaf`; stacked (as the model
-  holds them) or named per layer as the release. Every tensor is written
-  and fsynced into a new hidden version directory in D, which
-  `checkpoint_dir.staged_save` then makes current in one atomic swap. An
+
+def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = False,
+                    progress: bool = True, format: str = "release",  # noqa: A002
+                    dtype=None, max_shard_bytes: int = hf_save.MAX_SHARD_BYTES) -> pathlib.Path:
+  """Write `params` to the checkpoint directory `path` in the release format or, with
+  format="safetensors", as a Hugging Face checkpoint of the config's family.
+
+  Release format: path/ckpt-0 (+ path/config.json); `path` is the checkpoint
+  directory D (or D/ckpt-0). Float weights are quantized to int8 as the
+  release did. Safetensors (`grok_moe.hf_save`): config.json in the family's
+  Hugging Face form, `model.safetensors` or files of at most
+  `max_shard_bytes` with their index, the hub's per-expert [out, in]
+  tensors; float tensors in their dtype or `dtype`, int8 ones dequantized
+  (float32, or `dtype`); only configs of a Hugging Face family (Mixtral,
+  Qwen2-MoE, Qwen3-MoE), so not Grok-1's. `Model.from_checkpoint` and
+  `hf_checkpoint.load` read either back.
+
+  Files beside the checkpoint, such as tokenizer.model, are left alone.
+  Leaves may be float or QuantizedWeight, numpy or jax (sharded too);
+  stacked (as the model holds them) or named per layer as the release. Every
+  file is written and fsynced into a new hidden version directory in D,
+  which `checkpoint_dir.staged_save` then makes current in one atomic swap;
+  an error or Ctrl-C on the way leaves the old checkpoint as it was. An
   existing checkpoint is refused unless `overwrite`. Returns D.
   """
+  if format not in SAVE_FORMATS:
+    raise CheckpointError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+  if format == "safetensors":
+    return hf_save.save(params, path, config, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                        overwrite=overwrite, progress=progress)
+  if dtype is not None or max_shard_bytes != hf_save.MAX_SHARD_BYTES:
+    raise CheckpointError("dtype= and max_shard_bytes= apply to format=\"safetensors\"; the "
+                          "release format has its own (int8 weights, one file per tensor)")
   flat = _params_for_config(params, config)
   root = pathlib.Path(path)
   if root.name == TENSOR_DIR:
     root = root.parent
-  if ((root / TENSOR_DIR).exists() or (root / CONFIG_FILE).exists()) and not overwrite:
+  if ((root / TENSOR_DIR).exists() or (root / CONFIG_FILE).exists()
+      or hf_save.existing_checkpoint(root)) and not overwrite:
     raise CheckpointError(f"{root} already holds a checkpoint; pass overwrite=True "
                           "to replace it, or choose another directory.")
   with checkpoint_dir.staged_save(root, config.to_json()) as staged_tensors:

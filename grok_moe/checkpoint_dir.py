@@ -9,6 +9,11 @@ Layout written by `staged_save` in a checkpoint directory D:
 The release layout (a plain D/ckpt-0/ directory, D/config.json or none) loads
 as before; config.json inside ckpt-0 wins over D/config.json when both exist.
 
+A save in a layout whose readers expect the files in D itself (Hugging Face:
+config.json, model*.safetensors, the index) is `published`: the version holds
+those files and each is linked as D/<name> -> ckpt-0/<name>, exactly as
+config.json is, so the one swap of ckpt-0 switches them all at once.
+
 A save is atomic at every instant:
   1. Lock D (flock on the directory; a second save into D is refused).
   2. Write every tensor and config.json into a new version directory, fsync
@@ -20,7 +25,12 @@ A save is atomic at every instant:
      Before the swap every reader sees the old tensors and config; after it,
      the new ones (config.json is read through ckpt-0, so it swaps with them).
   4. Point D/config.json at ckpt-0/config.json (for people and tools reading
-     D/config.json; the loader already prefers ckpt-0/config.json).
+     D/config.json; the loader already prefers ckpt-0/config.json); when
+     published, link every file of the version the same way, after removing
+     the previous checkpoint's files the new one does not have. Links into
+     ckpt-0 that the new version does not fill are removed. Published names
+     that stay the same switch atomically with step 3; a name that appears or
+     disappears (another shard count) changes in this step, one rename each.
   5. Remove the old version. A kill before this leaves it behind.
 The next save, and the next load, remove what steps 2 and 5 left behind:
 version directories ckpt-0 does not point to and the names this module gives
@@ -44,6 +54,7 @@ import os
 import pathlib
 import shutil
 import uuid
+from typing import Callable
 
 from grok_moe.errors import CheckpointError
 
@@ -206,15 +217,32 @@ def _swap_in(root: pathlib.Path, version: pathlib.Path) -> None:
   _fsync_directory(root)
 
 
-def _link_config(root: pathlib.Path) -> None:
-  """root/config.json -> ckpt-0/config.json, replacing whatever was there in one rename."""
-  target = f"{TENSOR_DIR}/{CONFIG_FILE}"
-  config = root / CONFIG_FILE
-  if config.is_symlink() and os.readlink(config) == target:
+def _link(root: pathlib.Path, name: str) -> None:
+  """root/name -> ckpt-0/name, replacing whatever was there in one rename."""
+  target = f"{TENSOR_DIR}/{name}"
+  path = root / name
+  if path.is_symlink() and os.readlink(path) == target:
     return
   link = root / f"{_CONFIG_LINK_PREFIX}{uuid.uuid4().hex}"
   os.symlink(target, link)
-  os.replace(link, config)
+  os.replace(link, path)
+
+
+def _link_files(root: pathlib.Path, names: list[str],
+                published: Callable[[str], bool] | None) -> None:
+  """Step 4 of the module docstring: link `names` (the new version's files) into root;
+  first remove root's entries that `published` claims and the new version lacks, and
+  links into ckpt-0 that now lead nowhere."""
+  # An old index goes first: a reader then never follows it to shards of the old version.
+  for entry in sorted(os.listdir(root), key=lambda name: not name.endswith(".json")):
+    path = root / entry
+    claimed = published is not None and published(entry) and entry not in names
+    dangling = (path.is_symlink() and os.readlink(path).startswith(f"{TENSOR_DIR}/")
+                and not path.exists())
+    if (claimed or dangling) and not path.is_dir():
+      path.unlink(missing_ok=True)
+  for name in names:
+    _link(root, name)
   _fsync_directory(root)
 
 
@@ -226,13 +254,19 @@ def _make_readable_by_all(directory: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_save(root, config_json: str):
+def staged_save(root, config_json: str, *, published: Callable[[str], bool] | None = None):
   """Yields a new, empty version directory; on a clean exit commits it as root's checkpoint.
 
   The caller writes (and fsyncs) every tensor file into the yielded directory.
   Then config.json is written beside them and steps 3-5 of the module
-  docstring make it the checkpoint. On an exception the version directory is
-  removed and the old checkpoint is untouched.
+  docstring make it the checkpoint. On an exception (KeyboardInterrupt
+  included) the version directory is removed and the old checkpoint is
+  untouched.
+
+  `published(name)`, when given, says which names in root belong to a
+  checkpoint of a layout read from root itself: every file of the version is
+  then linked into root, and root's entries it claims that the new version
+  lacks (the previous checkpoint's) are removed.
   """
   root = pathlib.Path(root)
   try:
@@ -260,6 +294,6 @@ def staged_save(root, config_json: str):
       shutil.rmtree(version, ignore_errors=True)
       raise
     _swap_in(root, version)  # if this fails, `version` is a leftover the next save removes
-    _link_config(root)
+    _link_files(root, sorted(os.listdir(version)) if published else [CONFIG_FILE], published)
     for path in leftovers(root):  # the previous version, or the exchanged release directory
       _remove(path)

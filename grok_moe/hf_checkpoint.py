@@ -258,6 +258,78 @@ def model_config(hf: dict, path="config.json") -> ModelConfig:
     raise CheckpointError(f"{path}: {error}") from None
 
 
+# --- ModelConfig -> config.json: the inverse of the readers above. ---
+
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def _common_hf(config: ModelConfig, experts_field: str, ffn_field: str) -> dict[str, Any]:
+  """The fields `_common` reads, from `config`. Hub spellings: top-level rope_theta, no
+  sliding window. An activation without a Hugging Face name is left out: the round trip
+  in `hf_config` then refuses the config."""
+  activations = {ours: theirs for theirs, ours in _ACTIVATIONS.items()}
+  return {
+      "hidden_size": config.emb_size, "num_attention_heads": config.num_q_heads,
+      "num_key_value_heads": config.num_kv_heads, "head_dim": config.key_size,
+      "num_hidden_layers": config.num_layers, experts_field: config.num_experts,
+      "num_experts_per_tok": config.num_selected_experts, ffn_field: config.ffn_size,
+      "hidden_act": activations.get(config.expert_activation),
+      "max_position_embeddings": config.sequence_len, "sliding_window": None,
+      "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_base,
+      "tie_word_embeddings": config.tie_embeddings, "vocab_size": config.vocab_size,
+      "pad_token_id": config.pad_token, "bos_token_id": config.bos_token,
+      "eos_token_id": None if config.eos_token == NO_EOS else config.eos_token,
+  }
+
+
+def _qwen_hf(config: ModelConfig) -> dict[str, Any]:
+  """What both Qwen families add: every layer sparse, no sliding window; the dense
+  intermediate_size (used only by dense layers, of which there are none) set to the
+  experts' so that the field is present as the hub has it."""
+  return dict(_common_hf(config, "num_experts", "moe_intermediate_size"),
+              norm_topk_prob=config.router_renormalize, decoder_sparse_step=1,
+              mlp_only_layers=[], use_sliding_window=False, intermediate_size=config.ffn_size)
+
+
+_HF_CONFIGS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
+    "mixtral": lambda config: _common_hf(config, "num_local_experts", "intermediate_size"),
+    "qwen2_moe": lambda config: dict(
+        _qwen_hf(config), qkv_bias=config.qkv_bias,
+        shared_expert_intermediate_size=config.shared_expert_ffn_size),
+    "qwen3_moe": lambda config: dict(_qwen_hf(config), attention_bias=config.qkv_bias),
+}
+
+
+def hf_config(config: ModelConfig) -> dict[str, Any]:
+  """config.json (a dict) of the first family, in the order of `_HF_CONFIGS`, whose
+  reader (`model_config`) gives back exactly `config`; CheckpointError if none does.
+
+  Each family's dict is checked by reading it back, so a switch that no family
+  has (Grok's post-norms or multipliers, an attention soft cap, GELU experts
+  where the family has SiLU, a shared expert without its gate) is refused, and
+  the error names the fields of the family that came closest.
+  """
+  closest: tuple[str, list[str]] | None = None
+  for family, write in _HF_CONFIGS.items():
+    hf = dict(write(config), model_type=family, architectures=[ARCHITECTURES[family]])
+    try:
+      loaded = model_config(hf)
+    except CheckpointError as error:
+      differing = [str(error)]
+    else:
+      if loaded == config:
+        return hf
+      differing = [field for field, value in config.to_dict().items()
+                   if loaded.to_dict()[field] != value]
+    if closest is None or len(differing) < len(closest[1]):
+      closest = (family, differing)
+  raise CheckpointError(
+      f"the config has no Hugging Face form: no supported family ({', '.join(_HF_CONFIGS)}) "
+      f"has its switches (closest: {closest[0]}, which differs in {closest[1]}); save it in "
+      "the release format (format=\"release\")")
+
+
 def checkpoint_config(path, config: ModelConfig | None = None) -> ModelConfig:
   """The ModelConfig of the Hugging Face checkpoint at `path`; a `config` passed must
   equal it."""

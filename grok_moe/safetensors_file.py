@@ -1,4 +1,5 @@
-"""Reading safetensors files by slices: a checked header, then views into the memory-mapped data.
+"""Safetensors files: read by slices (a checked header, then views into the mapped data),
+and written one tensor at a time.
 
 The format (Hugging Face's safetensors): 8 bytes of little-endian header
 length n, n bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin,
@@ -10,6 +11,12 @@ ever made in host memory. bfloat16 is read as ml_dtypes.bfloat16.
 Every problem (a header too long or not JSON, an unknown dtype, offsets that
 do not match the shape or fall outside the file) is a CheckpointError that
 names the file and the tensor.
+
+Writing (`write_safetensors`) lays the header out from the tensors' names,
+dtypes and shapes alone, padded with spaces to a multiple of 8 bytes (so the
+data starts 8-byte aligned, as the reference writer does), then asks for each
+tensor in header order and appends its bytes: the tensors lie contiguously,
+with no gaps, and host memory holds one tensor at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import pathlib
+from typing import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +39,8 @@ DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}  # the writing direction
+METADATA = "__metadata__"
 
 
 class SafetensorsFile:
@@ -96,3 +107,55 @@ class SafetensorsFile:
     dtype, shape, offset = self._entries[name]
     count = math.prod(shape)
     return np.frombuffer(self._map, dtype, count, offset).reshape(shape)
+
+
+def dtype_code(dtype) -> str:
+  """The safetensors name of a numpy dtype ("F32", "BF16", ...); CheckpointError if none."""
+  code = DTYPE_CODES.get(np.dtype(dtype).newbyteorder("<"))
+  if code is None:
+    raise CheckpointError(f"{np.dtype(dtype)} has no safetensors dtype; known: "
+                          f"{sorted(str(dtype) for dtype in DTYPE_CODES)}")
+  return code
+
+
+def header_bytes(entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]]) -> bytes:
+  """The 8-byte length and the JSON header of tensors (name, dtype, shape) laid out
+  contiguously in this order, the JSON padded with spaces to a multiple of 8 bytes."""
+  values = {METADATA: {"format": "pt"}}
+  offset = 0
+  for name, dtype, shape in entries:
+    if name in values:
+      raise CheckpointError(f"tensor name {name!r} appears twice (or is reserved)")
+    size = math.prod(shape) * np.dtype(dtype).itemsize
+    values[name] = {"dtype": dtype_code(dtype), "shape": [int(n) for n in shape],
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  text = json.dumps(values, separators=(",", ":")).encode("utf-8")
+  text += b" " * (-len(text) % 8)
+  return len(text).to_bytes(8, "little") + text
+
+
+def write_safetensors(path, entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+                      read: Callable[[str], np.ndarray]) -> int:
+  """Write the tensors `entries` (name, dtype, shape) into a new file `path`, each
+  tensor's values `read(name)`, asked for in order; fsynced. Returns the data's bytes.
+
+  The file must not exist. A tensor that comes back of another dtype or shape
+  than its entry is a CheckpointError naming it.
+  """
+  path = pathlib.Path(path)
+  total = 0
+  with open(path, "xb") as file:
+    file.write(header_bytes(entries))
+    for name, dtype, shape in entries:
+      array = read(name)
+      if np.dtype(array.dtype) != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+        raise CheckpointError(f"{path}: tensor {name} came as {array.dtype} "
+                              f"{tuple(array.shape)}, its header says {np.dtype(dtype)} "
+                              f"{tuple(shape)}")
+      data = np.ascontiguousarray(array, DTYPES[dtype_code(dtype)]).reshape(-1)
+      file.write(memoryview(data.view(np.uint8)))
+      total += data.nbytes
+    file.flush()
+    os.fsync(file.fileno())
+  return total

@@ -1,0 +1,264 @@
+"""Saving params as a Hugging Face checkpoint of their family: config.json and safetensors.
+
+The writing direction of `hf_checkpoint`, from the same table: config.json is
+`hf_checkpoint.hf_config(config)` (the first family whose reader gives the
+config back; a config no family has, such as Grok-1's, is refused), and each
+entry of the parameter table goes out under its `hf_checkpoint.SOURCES` name,
+per layer, per expert for the experts (`...experts.{e}.w1.weight`), with the
+last two axes swapped where the hub keeps [out, in]. Reading the directory
+back with `hf_checkpoint.load` gives the same config and the same arrays.
+
+Algorithm:
+  1. List every Hugging Face tensor: name, dtype, shape and where it lies in
+     the stacked params (table entry, layer, expert). Nothing is read yet.
+  2. Pack them in that order (outside-layer tensors, then layer by layer)
+     into files of at most `max_shard_bytes` (a larger tensor gets a file of
+     its own): `model.safetensors`, or `model-0000i-of-0000n.safetensors` with
+     `model.safetensors.index.json` when there are several.
+  3. Write each file, one tensor at a time: each device shard holding part
+     of it gives that part (so a sharded array is never gathered whole), the
+     tensor is dequantized, cast and transposed, and appended.
+  4. All of it goes into a new version directory that one swap makes current
+     (`checkpoint_dir.staged_save`, published: every file is also reachable
+     at the top of the directory, where Hugging Face readers look).
+
+Dtypes: a float tensor keeps its dtype (bfloat16, float16, float32) unless
+`dtype` says otherwise. Safetensors Hugging Face checkpoints are float, so an
+int8 `QuantizedWeight` is dequantized on the way out: to float32 by default,
+which holds int8 times a bfloat16 scale exactly, or to `dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from grok_moe import checkpoint_dir, hf_checkpoint, quant
+from grok_moe import params as param_table
+from grok_moe.config import ModelConfig
+from grok_moe.errors import CheckpointError, ConfigError
+from grok_moe.safetensors_file import write_safetensors
+
+MAX_SHARD_BYTES = 5 * 10**9  # 5 GB: transformers 4's default, the shard size of the hub's models
+SINGLE_FILE = "model.safetensors"
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def shard_file_name(index: int, count: int) -> str:
+  """The hub's name of file `index` (from 1) of `count`."""
+  return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def is_checkpoint_file(name: str) -> bool:
+  """Whether `name`, in a checkpoint directory, is a file of a Hugging Face checkpoint
+  (what a save in this layout replaces)."""
+  return name in (hf_checkpoint.CONFIG_FILE, hf_checkpoint.INDEX_FILE) or name.endswith(
+      ".safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class HfTensor:
+  """One Hugging Face tensor: its name, dtype and shape, and where it lies in the params
+  (`path` of the stacked leaf, `index` of the layer and expert within it)."""
+
+  name: str
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  path: str
+  index: tuple[int, ...]
+  transpose: bool
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _out_dtype(path: str, leaf, dtype) -> np.dtype:
+  """The dtype `leaf` is written in: `dtype`, else its own (float32 for an int8 one)."""
+  if dtype is not None:
+    return np.dtype(dtype)
+  if isinstance(leaf, quant.QuantizedWeight):
+    return np.dtype(np.float32)
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    raise CheckpointError(f"{path} is {leaf.dtype}, not a float array or a QuantizedWeight; "
+                          "a Hugging Face checkpoint holds float tensors")
+  return np.dtype(leaf.dtype)
+
+
+def hf_tensors(flat: dict[str, Any], config: ModelConfig, family: str,
+               dtype=None) -> list[HfTensor]:
+  """Step 1: every tensor of the checkpoint, outside-layer ones first, then layer by
+  layer in the table's order, each layer's experts in order."""
+  sources = hf_checkpoint.SOURCES[family]
+  outside, layers = [], [[] for _ in range(config.num_layers)]
+  for spec in param_table.params_for(config):
+    source = sources.get(spec.name)
+    if source is None:
+      raise CheckpointError(f"{family} checkpoints have no name for {spec.name}")
+    out_dtype = _out_dtype(spec.path, flat[spec.path], dtype)
+    shape = spec.layer_shape(config)[1 if source.per_expert else 0:]
+    if source.transpose:
+      shape = (*shape[:-2], shape[-1], shape[-2])                 # [..., out, in]
+    experts = range(config.num_experts) if source.per_expert else [None]
+    for layer in range(config.num_layers) if spec.per_layer else [None]:
+      for expert in experts:
+        index = tuple(i for i in (layer, expert) if i is not None)
+        tensor = HfTensor(source.name.format(layer=layer, expert=expert), out_dtype,
+                          tuple(shape), spec.path, index, source.transpose)
+        (outside if layer is None else layers[layer]).append(tensor)
+  return outside + [tensor for layer in layers for tensor in layer]
+
+
+def pack(tensors: list[HfTensor], max_shard_bytes: int) -> dict[str, list[HfTensor]]:
+  """Step 2: {file name: its tensors}, filled in order up to `max_shard_bytes` each;
+  within a file, wider dtypes first so every tensor starts aligned to its item size."""
+  shards: list[list[HfTensor]] = [[]]
+  size = 0
+  for tensor in tensors:
+    if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(tensor)
+    size += tensor.nbytes
+  shards = [sorted(shard, key=lambda tensor: -tensor.dtype.itemsize) for shard in shards]
+  if len(shards) == 1:
+    return {SINGLE_FILE: shards[0]}
+  return {shard_file_name(i, len(shards)): shard for i, shard in enumerate(shards, start=1)}
+
+
+def _host_slice(array, index: tuple[int, ...]) -> np.ndarray:
+  """array[index] (`index`: leading integers) on the host. From a device array, each
+  device shard that holds part of it gives that part, sliced on its own device (no
+  collective, nothing gathered but the tensor); replicas are read once."""
+  if not isinstance(array, jax.Array):
+    return np.asarray(array[index])
+  out = np.empty(array.shape[len(index):], array.dtype)
+  done, filled = set(), 0
+  for shard in array.addressable_shards:
+    lead, rest = shard.index[:len(index)], shard.index[len(index):]
+    bounds = tuple(part.indices(size) for part, size in zip(rest, out.shape))
+    holds = all(i in range(size)[part] for part, i, size in zip(lead, index, array.shape))
+    if not holds or bounds in done:
+      continue
+    local = tuple(i - (part.start or 0) for part, i in zip(lead, index))
+    piece = np.asarray(shard.data[local])
+    out[rest] = piece
+    done.add(bounds)
+    filled += piece.size
+  if filled != out.size:
+    raise CheckpointError("a parameter is spread over several processes; save from params "
+                          "that one process holds whole (e.g. gathered with "
+                          "grok_moe.sharding.fetch)")
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
+def _converted(tensor, dtype, transpose: bool):
+  """One tensor (a QuantizedWeight dequantized) in `dtype`, its last two axes swapped if
+  `transpose`."""
+  part = quant.dequantize(tensor, dtype)                        # [..., in, out]
+  return jnp.swapaxes(part, -1, -2) if transpose else part      # [..., out, in]
+
+
+def _fetch(leaf, tensor: HfTensor) -> np.ndarray:
+  """Step 3 for one tensor: its slice of the stacked leaf copied to the host from the
+  devices that hold it, then dequantized, cast and transposed (on the default device)."""
+  part = jax.tree.map(lambda array: _host_slice(array, tensor.index), leaf)
+  return np.asarray(_converted(part, tensor.dtype, tensor.transpose))
+
+
+def _stacked(params, config: ModelConfig) -> dict[str, Any]:
+  """{path: stacked leaf} of `params` (stacked, or named per layer as the release),
+  or CheckpointError if they do not fit `config`."""
+  try:
+    stacked = param_table.as_stacked(params, config)
+    param_table.check_stacked(stacked, config)
+  except ConfigError as error:
+    raise CheckpointError(f"{error}") from None
+  return param_table.flatten(stacked)
+
+
+def existing_checkpoint(root: pathlib.Path) -> list[str]:
+  """The names in `root` that a save would replace: a checkpoint of either format."""
+  if not root.is_dir():
+    return []
+  return sorted(name for name in os.listdir(root)
+                if is_checkpoint_file(name) or name == checkpoint_dir.TENSOR_DIR)
+
+
+def save(params, path, config: ModelConfig, *, dtype=None,
+         max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False,
+         progress: bool = True) -> pathlib.Path:
+  """Write `params` to the directory `path` as a Hugging Face checkpoint of the config's
+  family (see the module docstring); refused if it holds a checkpoint, unless
+  `overwrite`. Returns the directory.
+
+  Files beside the checkpoint (tokenizer.json, ...) are left alone; a previous
+  checkpoint's files that the new one lacks (other shards, an index) are removed.
+  """
+  try:
+    known = dtype is None or np.dtype(dtype).name in DTYPES
+  except TypeError:
+    known = False
+  if not known:
+    raise CheckpointError(f"dtype must be one of {DTYPES} (or None: as the params hold "
+                          f"them), got {dtype!r}")
+  if (not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool)
+      or max_shard_bytes < 1):
+    raise CheckpointError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+  hf = hf_checkpoint.hf_config(config)
+  flat = _stacked(params, config)
+  tensors = hf_tensors(flat, config, hf["model_type"], dtype)
+  hf["torch_dtype"] = tensors[0].dtype.name  # the embeddings'
+  files = pack(tensors, max_shard_bytes)
+  root = pathlib.Path(path)
+  if root.name == checkpoint_dir.TENSOR_DIR:  # D/ckpt-0 of an earlier save: D, as the release's
+    root = root.parent
+  if root.exists() and not root.is_dir():
+    raise CheckpointError(f"{root} is a file; pass a directory for the checkpoint")
+  present = existing_checkpoint(root)
+  if present and not overwrite:
+    raise CheckpointError(f"{root} already holds a checkpoint ({', '.join(present[:3])}); "
+                          "pass overwrite=True to replace it, or choose another directory.")
+  bar = tqdm.tqdm(total=sum(tensor.nbytes for tensor in tensors), unit="B", unit_scale=True,
+                  unit_divisor=1024, desc=f"saving {root}", file=sys.stderr,
+                  disable=not progress)
+  config_json = json.dumps(hf, indent=2, sort_keys=True) + "\n"
+  with bar, checkpoint_dir.staged_save(root, config_json,
+                                       published=is_checkpoint_file) as version:
+    for file_name, shard in files.items():
+      by_name = {tensor.name: tensor for tensor in shard}
+
+      def read(name, by_name=by_name):
+        tensor = by_name[name]
+        array = _fetch(flat[tensor.path], tensor)
+        bar.update(tensor.nbytes)
+        return array
+
+      write_safetensors(version / file_name, [(t.name, t.dtype, t.shape) for t in shard], read)
+    if len(files) > 1:
+      _write_index(version, files)
+  return root
+
+
+def _write_index(version: pathlib.Path, files: dict[str, list[HfTensor]]) -> None:
+  """model.safetensors.index.json: the data's total bytes and each tensor's file."""
+  weight_map = {tensor.name: file_name for file_name, shard in files.items() for tensor in shard}
+  total = sum(tensor.nbytes for shard in files.values() for tensor in shard)
+  text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                    indent=2, sort_keys=True) + "\n"
+  with open(version / hf_checkpoint.INDEX_FILE, "w", encoding="utf-8") as file:
+    file.write(text)
+    file.flush()
+    os.fsync(file.fileno())
+
