@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok_moe import chat as chat_templates
 from grok_moe import checkpoint, compilation, hf_checkpoint, model, sampling
 from grok_moe import params as param_table
+from grok_moe.chat import ChatTemplate
 from grok_moe.config import ModelConfig
 from grok_moe.errors import (CheckpointError, InputError, TokenizerError,
                              UnknownCharactersWarning)
@@ -54,6 +56,22 @@ def find_tokenizer(checkpoint_path: str | os.PathLike) -> str | None:
     for name in TOKENIZER_FILES:
       if (directory / name).is_file():
         return os.fspath(directory / name)
+  return None
+
+
+def find_chat_template(checkpoint_path: str | os.PathLike,
+                       tokenizer_path: str | os.PathLike | None = None) -> ChatTemplate | None:
+  """The chat template beside the tokenizer, else beside ckpt-0 or one level up (the
+  directories find_tokenizer searches), or None; see grok_moe.chat for the files."""
+  path = pathlib.Path(checkpoint_path)
+  root = path.parent if path.name == checkpoint.TENSOR_DIR else path
+  directories = [root, root.parent]
+  if tokenizer_path is not None:
+    directories.insert(0, pathlib.Path(tokenizer_path).parent)
+  for directory in dict.fromkeys(directories):
+    template = chat_templates.find_chat_template(directory)
+    if template is not None:
+      return template
   return None
 
 
@@ -195,13 +213,15 @@ class Model:
 
   def __init__(self, params: Params, config: ModelConfig, tokenizer: Tokenizer | None = None,
                dtype: Dtype = None, sharding: ShardingPlan | None = None,
-               compilation_cache: str | os.PathLike | bool | None = None):
+               compilation_cache: str | os.PathLike | bool | None = None,
+               chat_template: ChatTemplate | None = None):
     """`dtype` is that of the activations, default `default_dtype()` (float32 on CPU,
     bfloat16 on GPU/TPU). `sharding` runs the model on a mesh (see grok_moe.sharding);
     params not yet placed by it are placed now. Without a tokenizer the token-level
     methods work and the text methods raise TokenizerError. `compilation_cache` is the
     directory of JAX's persistent compilation cache (None: $GROK_MOE_COMPILATION_CACHE,
-    else ~/.cache/grok_moe/jax; False: off; see grok_moe.compilation)."""
+    else ~/.cache/grok_moe/jax; False: off; see grok_moe.compilation). `chat_template`
+    (grok_moe.chat) is what the chat methods render conversations with."""
     self.compilation_cache = compilation.use_persistent_cache(compilation_cache)
     self._compile_timer = compilation.CompileTimer()
     if sharding is not None:
@@ -212,6 +232,7 @@ class Model:
     self.params = param_table.as_stacked(params, config)
     self.config = config
     self.tokenizer = tokenizer
+    self.chat_template = chat_template
     self.dtype = jnp.dtype(dtype).name
     self.sharding = sharding
     self.last_stats = GenerationStats()
@@ -224,7 +245,9 @@ class Model:
                       mesh: jax.sharding.Mesh | None = None, dtype: Dtype = None,
                       progress: bool = True, moe_sharding: str = "tensor",
                       compilation_cache: str | os.PathLike | bool | None = None,
-                      quantize: str | None = None) -> "Model":
+                      quantize: str | None = None,
+                      chat_template: ChatTemplate | str | os.PathLike | None = None
+                      ) -> "Model":
     """Loads a checkpoint: release format (a directory holding ckpt-0/, or ckpt-0/ itself),
     or a Hugging Face directory of a supported family (config.json with its model_type
     and *.safetensors: Mixtral, Qwen2-MoE, Qwen3-MoE, and Grok-2's files split by
@@ -240,7 +263,10 @@ class Model:
     command line). With `mesh` (grok_moe.make_mesh) each tensor goes straight
     into its shards as it is read, and the model runs on the mesh;
     `moe_sharding` is "tensor" (every device a slice of every expert) or
-    "expert" (whole experts).
+    "expert" (whole experts). The chat template (for `chat`) is `chat_template` (a
+    ChatTemplate, or the path of a chat_template.jinja, a tokenizer_config.json or a
+    directory), else the one beside the tokenizer or the checkpoint (find_chat_template);
+    without one the chat methods raise TokenizerError.
 
     Example:
       >>> model = Model.from_checkpoint("checkpoints/demo")
@@ -257,6 +283,10 @@ class Model:
       tokenizer = open_tokenizer(tokenizer)
     if tokenizer is not None:
       tokenizer.check_fits(config)
+    if chat_template is None:
+      chat_template = find_chat_template(path, None if tokenizer is None else tokenizer.path)
+    elif not isinstance(chat_template, ChatTemplate):
+      chat_template = chat_templates.read_chat_template(chat_template)
     if hf_checkpoint.is_hf_checkpoint(path):
       _, params = hf_checkpoint.load(path, config, sharding=plan, quantize=quantize)
     elif quantize is not None:
@@ -265,7 +295,7 @@ class Model:
     else:
       params = checkpoint.load_checkpoint(path, config, progress=progress, sharding=plan)
     return cls(params, config, tokenizer, dtype, sharding=plan,
-               compilation_cache=compilation_cache)
+               compilation_cache=compilation_cache, chat_template=chat_template)
 
   # --- Text in, text out. ---
 
@@ -366,6 +396,66 @@ class Model:
     for (piece,) in self._stream_rows([prompt], stop, truncate, settings):
       if piece:
         yield piece
+
+  # --- A conversation in, the assistant's reply out. ---
+
+  def _require_chat_template(self) -> ChatTemplate:
+    if self.chat_template is None:
+      raise TokenizerError(
+          f"this checkpoint has no chat template (no {chat_templates.TEMPLATE_FILE}, no "
+          f"chat_template in {chat_templates.TOKENIZER_CONFIG_FILE} and no "
+          f"{chat_templates.GROK2_TOKENIZER_FILE} beside it): use generate() with a prompt in "
+          "the model's own format, or pass chat_template= to Model.from_checkpoint")
+    return self.chat_template
+
+  def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> str:
+    """The prompt text `chat` generates from: the conversation rendered with the chat
+    template, ending where the assistant's reply begins.
+
+    Example:
+      >>> model.chat_prompt([{"role": "user", "content": "Hi"}])
+      '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
+    """
+    return self._require_chat_template().render(messages, add_generation_prompt=True)
+
+  def chat_stop_strings(self) -> tuple[str, ...]:
+    """The texts at which the assistant's reply ends (besides the model's EOS id): the
+    template's eos_token, the generation_config.json end ids' text, and what the template
+    writes after a reply ("<|im_end|>", "<|separator|>"; see ChatTemplate.stop_strings)."""
+    return self._require_chat_template().stop_strings(self._require_tokenizer())
+
+  def chat_stream(self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int = 64,
+                  temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0,
+                  seed: int = 0, stop: str | Sequence[str] | None = None,
+                  truncate: bool = False) -> Iterator[str]:
+    """Yields the assistant's reply to `messages` piece by piece (see `chat`)."""
+    prompt = self.chat_prompt(messages)
+    stops = _stop_strings(stop) + self.chat_stop_strings()
+    settings = _sampling_config(max_new_tokens, temperature, top_p, top_k, seed)
+    for (piece,) in self._stream_rows([prompt], stops, truncate, settings):
+      if piece:
+        yield piece
+
+  def chat(self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int = 64,
+           temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
+           stop: str | Sequence[str] | None = None, truncate: bool = False) -> str:
+    """The assistant's reply to a conversation, a list of {"role", "content"} dicts.
+
+    The messages are rendered with the checkpoint's chat template and a generation
+    prompt (`chat_prompt`), encoded as they are (the template writes any BOS itself;
+    special-token text becomes the special token), and completed as `generate` does.
+    The reply ends at the model's EOS id, at a chat stop string (`chat_stop_strings`)
+    or at one of `stop`, which are not included; it is the model's text otherwise
+    unchanged (a leading space after Grok-2's "Assistant:" stays). InputError for bad
+    messages; TokenizerError without a chat template or tokenizer, or when the template
+    refuses the messages.
+
+    Example:
+      >>> model.chat([{"role": "user", "content": "Hi"}], temperature=0)
+    """
+    return "".join(self.chat_stream(messages, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=seed, stop=stop, truncate=truncate))
 
   # --- Tokens in, tokens out. ---
 

@@ -4,6 +4,7 @@ One program under three names: `grok-moe` (the console script pip installs),
 `python -m grok_moe`, and `python run.py` in a clone.
 
     grok-moe --prompt "ROMEO:"
+    grok-moe --checkpoint DIR --chat --prompt "Hi"     the reply, with DIR's chat template
     grok-moe --mesh 1x8 --prompt "..."                  several devices
     grok-moe --mesh 2x8 --coordinator host0:1234 --num-processes 2 --process-id 0 ...
     grok-moe --plan --config grok-1 --mesh 1x8          memory plan only
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: %(default)s)")
   parser.add_argument("--stop", action="append", default=[],
                       help="stop before this string (may be given several times)")
+  parser.add_argument("--chat", action="store_true",
+                      help="send the prompt as one user message, rendered with the "
+                      "checkpoint's chat template, and print only the assistant's reply")
   parser.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                       help="activation dtype; auto is float32 on CPU, bfloat16 on GPU/TPU, "
                       "as in the Python API")
@@ -323,6 +327,16 @@ def complete(args) -> int:
         f"no {' or '.join(api.TOKENIZER_FILES)} beside {checkpoint}; pass --tokenizer with "
         "the checkpoint's tokenizer")
   tokenizer = grok_moe.tokenizer.open_tokenizer(tokenizer_path)
+  messages = [{"role": "user", "content": prompt}]
+  chat_template = None
+  if args.chat:
+    chat_template = api.find_chat_template(checkpoint, tokenizer_path)
+    if chat_template is None:
+      raise grok_moe.TokenizerError(
+          f"--chat: {checkpoint} has no chat template (no chat_template.jinja, no "
+          "chat_template in tokenizer_config.json, no tokenizer.tok.json); leave out --chat "
+          "to complete the prompt as it is")
+    chat_template.render(messages, add_generation_prompt=True)  # refusals stop before loading
   dtype = api.default_dtype(mesh) if args.dtype == "auto" else args.dtype
   settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -335,16 +349,22 @@ def complete(args) -> int:
                                          dtype=dtype, mesh=mesh,
                                          moe_sharding=args.moe_sharding,
                                          progress=main_process,
-                                         compilation_cache=args.compilation_cache)
+                                         compilation_cache=args.compilation_cache,
+                                         chat_template=chat_template)
   say(f"loaded in {time.perf_counter() - start:.1f} s")
 
   with warnings.catch_warnings():
     warnings.showwarning = _say_warnings_in_one_line(say)
     warnings.simplefilter("always", grok_moe.errors.UnknownCharactersWarning)
-    model.encode(prompt)  # names the unknown characters before the prompt is echoed
+    # Names the unknown characters before the prompt is echoed.
+    model.encode(model.chat_prompt(messages) if args.chat else prompt)
     warnings.simplefilter("ignore", grok_moe.errors.UnknownCharactersWarning)  # stream: again
-    show(prompt)
-    for piece in model.stream(prompt, stop=args.stop, truncate=args.truncate, **settings):
+    if args.chat:
+      pieces = model.chat_stream(messages, stop=args.stop, truncate=args.truncate, **settings)
+    else:
+      show(prompt)
+      pieces = model.stream(prompt, stop=args.stop, truncate=args.truncate, **settings)
+    for piece in pieces:
       show(piece)
     show("\n")
   stats = model.last_stats

@@ -237,7 +237,8 @@ def test_generation_stats_leave_the_two_compiling_steps_out_of_the_decode_rate()
 
 
 PUBLIC_METHODS = ("__init__", "from_checkpoint", "generate", "stream", "generate_tokens",
-                  "logits", "score", "routing", "encode")
+                  "logits", "score", "routing", "encode", "chat", "chat_stream", "chat_prompt",
+                  "chat_stop_strings")
 
 
 def test_public_signatures_are_typed_and_the_package_says_so():
