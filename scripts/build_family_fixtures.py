@@ -7,10 +7,13 @@ the reference computes on that reloaded model in `reference.npz`. The tests read
 they need neither torch nor transformers. Rebuild with
   python scripts/build_family_fixtures.py            (an env with the [reference] extra)
 
-Sizes. Every size is odd in the sense of "distinct from every other size", so a loader or
-model that swaps two axes fails on a shape instead of passing by luck: hidden 40, vocab 101,
-3 layers, 4 query heads, 2 KV heads, expert FFN sizes 13 / 11 / 6, a shared-expert FFN of 26
-(Qwen2-MoE). head_dim is 12 for Mixtral and Qwen3-MoE, whose configs set it explicitly, so
+Sizes. Every size is odd in the sense of "distinct from every other size" (and none a power
+of two above 4), so a loader or model that swaps two axes fails on a shape instead of passing
+by luck: hidden 40, vocab 101, 3 layers, 4 query heads, 2 KV heads, expert FFN sizes 20 / 14 /
+6 (Mixtral / Qwen2-MoE / Qwen3-MoE), a shared-expert FFN of 26 (Qwen2-MoE). The FFN sizes are
+even so that every family also runs in the sharded "tensor" MoE mode, which splits each
+expert's FFN over the mesh's model axis: that axis must divide the 4 query heads, so it is 2
+or 4, and Mixtral's 20 splits 4 ways, the others 2 ways (as does the shared expert's 26). head_dim is 12 for Mixtral and Qwen3-MoE, whose configs set it explicitly, so
 q_proj is [48, 40] and o_proj [40, 48] (a model that derives head_dim as hidden/heads = 10
 fails, as it would on Qwen3-30B-A3B: hidden 2048, 32 heads, head_dim 128); Qwen2-MoE has no
 head_dim field in its config class, so there it is hidden/heads = 10. Weights are float32 and
@@ -38,18 +41,19 @@ or a greedy token in the JAX model; the margins found are written to fixture.jso
 Reference, per family, computed in float32 with attn_implementation="eager" and
 experts_implementation="eager" (the per-expert loop written in modeling_<family>.py; the
 default grouped_mm kernel rejects these odd sizes on the CPU):
-  input_ids [3, 11] int64: rows of 11, 8 and 5 real tokens (ids 1..100), right-padded with 0.
-  attention_mask [3, 11] int64: 1 on real tokens.
-  logits [3, 11, V] float32: the forward pass with that mask and default position ids
+  input_ids [4, 11] int64: rows of 11, 8, 5 and 2 real tokens (ids 1..100), right-padded
+    with 0 (four rows, so a mesh's data axis of 2 or 4 splits the batch).
+  attention_mask [4, 11] int64: 1 on real tokens.
+  logits [4, 11, V] float32: the forward pass with that mask and default position ids
     (0..10 on every row, so real tokens sit at 0..n-1). transformers masks padded *keys*
     only; a padded *query* position still attends to the real tokens before it and to
     nothing after, and its logits are finite but meaningless. Compare real positions only
     (attention_mask == 1).
-  router_logits [L, 3*11, E] float32: each layer's router logits (before softmax), rows in
+  router_logits [L, 4*11, E] float32: each layer's router logits (before softmax), rows in
     (batch, position) order, padded positions included (ignore them).
-  greedy [3, 6] int64: 6 new tokens for each row's unpadded prompt, generated one row at a
+  greedy [4, 6] int64: 6 new tokens for each row's unpadded prompt, generated one row at a
     time (batch 1, no padding) with model.generate(do_sample=False, use_cache=True).
-  greedy_scores [3, 6, V] float32: the logits that chose each of those tokens (the cached
+  greedy_scores [4, 6, V] float32: the logits that chose each of those tokens (the cached
     decode steps; generate's `scores` with no logits processor).
 fixture.json holds the versions, seed, sizes, margins and the file list.
 """
@@ -58,7 +62,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import sys
 
 import numpy as np
@@ -70,7 +73,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 OUT_ROOT = REPO / "tests" / "data" / "families"
 
 BASE_SEED = 1234
-ROW_LENGTHS = (11, 8, 5)
+ROW_LENGTHS = (11, 8, 5, 2)
 NEW_TOKENS = 6
 PAD_ID = 0
 # A top-k choice whose k-th and (k+1)-th router probabilities differ by less than this, or a
@@ -80,6 +83,8 @@ MIN_ROUTING_GAP = 3e-4
 MIN_GREEDY_GAP = 1e-3
 MAX_SEED_TRIES = 50
 ROUND_TRIP_ATOL = 1e-5
+# Written into each fixture directory by scripts/build_family_tokenizers.py; a rebuild keeps it.
+TOKENIZER_FILE = "tokenizer.json"
 
 COMMON = dict(
   vocab_size=101,
@@ -100,16 +105,16 @@ FAMILIES = {
   "mixtral": dict(
     cls=transformers.MixtralForCausalLM,
     config_cls=transformers.MixtralConfig,
-    config=dict(COMMON, head_dim=12, intermediate_size=13, num_local_experts=8,
+    config=dict(COMMON, head_dim=12, intermediate_size=20, num_local_experts=8,
                 num_experts_per_tok=2, sliding_window=None, rms_norm_eps=1e-3,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
-    max_shard_size="100KB",  # ~260 KB of weights: three files and an index
+    max_shard_size="130KB",  # ~340 KB of weights: three files and an index
     hub_spelling=False,
   ),
   "qwen2_moe": dict(
     cls=transformers.Qwen2MoeForCausalLM,
     config_cls=transformers.Qwen2MoeConfig,
-    config=dict(COMMON, intermediate_size=52, moe_intermediate_size=11,
+    config=dict(COMMON, intermediate_size=52, moe_intermediate_size=14,
                 shared_expert_intermediate_size=26, num_experts=8, num_experts_per_tok=2,
                 norm_topk_prob=False, qkv_bias=True, decoder_sparse_step=1,
                 mlp_only_layers=[], use_sliding_window=False, rms_norm_eps=3e-3,
@@ -284,9 +289,10 @@ def build_family(name, spec):
   else:
     raise SystemExit(f"{name}: no seed in {MAX_SEED_TRIES} tries had clear margins")
 
-  if out_dir.exists():
-    shutil.rmtree(out_dir)
-  out_dir.mkdir(parents=True)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  for path in out_dir.iterdir():  # an earlier build's files; tokenizer.json is not this script's
+    if path.name != TOKENIZER_FILE:
+      path.unlink()
   save_kwargs = dict(safe_serialization=True)
   if spec["max_shard_size"]:
     save_kwargs["max_shard_size"] = spec["max_shard_size"]
@@ -313,7 +319,7 @@ def build_family(name, spec):
                       attention_mask=attention_mask, **ref_disk)
 
   real = attention_mask == 1
-  files = sorted(p.name for p in out_dir.iterdir()) + ["fixture.json"]
+  files = sorted(p.name for p in out_dir.iterdir() if p.name != TOKENIZER_FILE) + ["fixture.json"]
   meta = dict(
     family=name,
     architecture=spec["cls"].__name__,
