@@ -93,9 +93,15 @@ class JsonTokenizer(Tokenizer):
   def unknown_characters(self, text: str) -> list[str]:
     unknown = self.processor.model.unk_token if hasattr(self.processor.model, "unk_token") else None
     unknown_id = self.processor.token_to_id(unknown) if unknown else None
-    if unknown_id is None or unknown_id not in self.encode(text):
+    if unknown_id is None:
       return []
-    return [char for char in dict.fromkeys(text) if unknown_id in self.encode(char)]
+    _check_text(text)
+    encoding = self.processor.encode(text, add_special_tokens=False)
+    # The characters the unknown tokens stand for, by their offsets in the text (not by
+    # encoding each character alone, which would flag the "<" of a special token's text).
+    spans = [text[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets)
+             if token == unknown_id]
+    return list(dict.fromkeys(char for span in spans for char in span))
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.processor.decode([int(i) for i in ids], skip_special_tokens=False)

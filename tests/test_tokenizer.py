@@ -1,11 +1,16 @@
 """Tokenizer loading errors and streaming text with stop strings."""
 
+import pathlib
+
 import pytest
 
 from grok_moe.config import TINY
 from grok_moe.errors import InputError, TokenizerError
-from grok_moe.tokenizer import TextStream, Tokenizer
+from grok_moe.tokenizer import JsonTokenizer, TextStream, Tokenizer
 from tests.helpers import train_char_tokenizer
+
+FAMILY_TOKENIZER = (pathlib.Path(__file__).parent / "data" / "families" / "qwen2_moe"
+                    / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +84,14 @@ def test_text_that_is_not_valid_unicode_is_refused(tokenizer):
     tokenizer.encode("ROMEO\udcff:")
   with pytest.raises(InputError, match="must be a str"):
     tokenizer.encode(b"ROMEO:")
+
+
+def test_json_tokenizer_names_unknown_characters_not_special_token_text():
+  """A tokenizer.json's unknown characters are found by their offsets in the encoded text:
+  a special token's text ("<|im_end|>", one id) beside a truly unknown "é" names only
+  "é". Catches the character-by-character check, which also named "<", "|" and ">"."""
+  tokenizer = JsonTokenizer(FAMILY_TOKENIZER)
+  tokenizer.processor.add_special_tokens(["<|im_end|>"])
+  assert len(tokenizer.encode("<|im_end|>")) == 1
+  assert tokenizer.unknown_characters("hello<|im_end|>") == []
+  assert tokenizer.unknown_characters("é hello<|im_end|> é~") == ["é", "~"]
