@@ -268,8 +268,8 @@ def _sparse_moe_forward_with_residuals(static, layer, x, gates, expert_indices, 
 def _sparse_moe_backward(static, residuals, out_grad):
   """Cotangents of (layer, x, gates, expert_indices, w_in, w_v, w_out) from out_grad [N, D].
 
-  The forward's walk again (the same sort, the same experts and tiles, empty
-  ones skipped). Per expert, its weights are dequantized once to x's dtype
+  The forward's walk again (the same sort, the same experts with rows and
+  tiles). Per expert, its weights are dequantized once to x's dtype
   (keeping the VJP of that step), then per tile of rows, with g_t the tile's
   rows of out_grad in float32:
     1. recompute y_t = expert_ffn(x_t) and keep its VJP (nothing from the
@@ -280,9 +280,10 @@ def _sparse_moe_backward(static, residuals, out_grad):
        sum d W_t over the tiles in float32.
   The expert's summed d W goes back through the dequantization's VJP to the
   float leaves of its weights (the weights themselves, or the scales of int8
-  weights). Empty experts get zero cotangents. Finally the gate cotangents
-  are unsorted. With a `layer`, the weights' cotangents are zero but in that
-  layer's slot of the stacks [L, E, ...].
+  weights), written into its slot of zero stacks shaped as the weights
+  ([E, ...], or [L, E, ...] with a `layer`), so that experts no token chose
+  and other layers get zero cotangents. Finally the gate cotangents are
+  unsorted.
   """
   tile_size, activation = static
   layer, x, gates, expert_indices, w_in, w_v, w_out = residuals
@@ -296,49 +297,46 @@ def _sparse_moe_backward(static, residuals, out_grad):
   weight_leaves, weight_tree = jax.tree.flatten((w_in, w_v, w_out))
   is_float = [_is_float(leaf) for leaf in weight_leaves]
 
-  def run_expert(carry, expert):
-    def process(carry):
-      # weights: w_in, w_v [D, F] and w_out [F, D] in x's dtype.
-      weights, dense_weights_vjp = _dense_expert_weights_with_vjp(
-          (w_in, w_v, w_out), prefix + (expert,), x.dtype)
+  float_leaves = [leaf for leaf, f in zip(weight_leaves, is_float) if f]
+  active, num_active = _active_experts(assignments.counts)
 
-      def run_rows(carry, first, size: int):
-        """The expert's rows first .. first + size: their cotangents added to carry."""
-        x_grad, sorted_gate_grad, weight_grads = carry
-        rows, valid, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C]
-        y, ffn_vjp = jax.vjp(ffn, x[tokens], *weights)                         # y [C, D]
-        row_grad = out_grad[tokens]                                            # [C, D]
-        row_gate_grad = jnp.where(
-            valid, jnp.sum(row_grad * y.astype(jnp.float32), axis=-1), 0.0)    # [C]
-        rows_x_grad, *tile_weight_grads = ffn_vjp(
-            (row_grad * row_gates[:, None]).astype(y.dtype))                   # [C, D], W shapes
-        return (x_grad.at[tokens].add(rows_x_grad.astype(jnp.float32)),
-                sorted_gate_grad.at[rows].add(row_gate_grad),
-                [total + part.astype(jnp.float32)
-                 for total, part in zip(weight_grads, tile_weight_grads)])
+  def run_expert(index, carry):
+    expert = active[index]
+    x_grad, sorted_gate_grad, stacked_float_grads = carry
+    # weights: w_in, w_v [D, F] and w_out [F, D] in x's dtype.
+    weights, dense_weights_vjp = _dense_expert_weights_with_vjp(
+        (w_in, w_v, w_out), prefix + (expert,), x.dtype)
 
-      zero_weight_grads = [jnp.zeros(w.shape, jnp.float32) for w in weights]
-      x_grad, sorted_gate_grad, weight_grads = _over_tiles(
-          run_rows, (*carry, zero_weight_grads), assignments.counts[expert], tile)
-      (float_grads,) = dense_weights_vjp(
-          [grad.astype(w.dtype) for grad, w in zip(weight_grads, weights)])
-      return (x_grad, sorted_gate_grad), float_grads
+    def run_rows(carry, first, size: int):
+      """The expert's rows first .. first + size: their cotangents added to carry."""
+      x_grad, sorted_gate_grad, weight_grads = carry
+      rows, valid, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C]
+      y, ffn_vjp = jax.vjp(ffn, x[tokens], *weights)                           # y [C, D]
+      row_grad = out_grad[tokens]                                              # [C, D]
+      row_gate_grad = jnp.where(
+          valid, jnp.sum(row_grad * y.astype(jnp.float32), axis=-1), 0.0)      # [C]
+      rows_x_grad, *tile_weight_grads = ffn_vjp(
+          (row_grad * row_gates[:, None]).astype(y.dtype))                     # [C, D], W shapes
+      return (x_grad.at[tokens].add(rows_x_grad.astype(jnp.float32)),
+              sorted_gate_grad.at[rows].add(row_gate_grad),
+              [total + part.astype(jnp.float32)
+               for total, part in zip(weight_grads, tile_weight_grads)])
 
-    def skip(carry):
-      return carry, [jnp.zeros(leaf.shape[len(prefix) + 1:], leaf.dtype)
-                     for leaf, f in zip(weight_leaves, is_float) if f]
-
-    return jax.lax.cond(assignments.counts[expert] > 0, process, skip, carry)
+    zero_weight_grads = [jnp.zeros(w.shape, jnp.float32) for w in weights]
+    x_grad, sorted_gate_grad, weight_grads = _over_tiles(
+        run_rows, (x_grad, sorted_gate_grad, zero_weight_grads), assignments.counts[expert],
+        tile)
+    (float_grads,) = dense_weights_vjp(
+        [grad.astype(w.dtype) for grad, w in zip(weight_grads, weights)])
+    return (x_grad, sorted_gate_grad,
+            [_put(stack, grad, prefix + (expert,))
+             for stack, grad in zip(stacked_float_grads, float_grads)])
 
   init = (jnp.zeros(x.shape, jnp.float32),                                     # [N, D]
-          jnp.zeros(assignments.gates.shape, jnp.float32))                     # [A]
-  (x_grad, sorted_gate_grad), stacked_float_grads = jax.lax.scan(
-      run_expert, init, jnp.arange(num_experts))                               # [E, ...] each
-  if layer is not None:  # [E, ...] into the layer's slot of zeros [L, E, ...]
-    float_leaves = [leaf for leaf, f in zip(weight_leaves, is_float) if f]
-    stacked_float_grads = [
-        jax.lax.dynamic_update_index_in_dim(jnp.zeros(leaf.shape, grad.dtype), grad, layer, 0)
-        for leaf, grad in zip(float_leaves, stacked_float_grads)]
+          jnp.zeros(assignments.gates.shape, jnp.float32),                     # [A]
+          [jnp.zeros(leaf.shape, leaf.dtype) for leaf in float_leaves])        # [(L,) E, ...]
+  x_grad, sorted_gate_grad, stacked_float_grads = jax.lax.fori_loop(
+      0, num_active, run_expert, init)
   stacked = iter(stacked_float_grads)
   weight_grads = jax.tree.unflatten(
       weight_tree, [next(stacked) if f else _integer_cotangent(leaf)
@@ -348,6 +346,13 @@ def _sparse_moe_backward(static, residuals, out_grad):
   layer_grad = None if layer is None else _integer_cotangent(layer)
   return (layer_grad, x_grad.astype(x.dtype), gates_grad.astype(gates.dtype),
           _integer_cotangent(expert_indices), *weight_grads)
+
+
+def _put(stack, value, index: tuple):
+  """stack [I..., ...] with value [...] written at the leading index (traced ints)."""
+  start = (*index, *(0,) * value.ndim)
+  return jax.lax.dynamic_update_slice(stack, value.reshape((1,) * len(index) + value.shape),
+                                      start)
 
 
 def _is_float(leaf) -> bool:
