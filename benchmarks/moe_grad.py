@@ -1,4 +1,4 @@
-"""Time of one MoE layer's gradient: sparse_moe's custom VJP against JAX's own.
+"""Time of one MoE layer's gradient: sparse_moe's custom VJP against dense_moe's autodiff.
 
   python -m benchmarks.moe_grad [--tokens 4096] [--tile-size 256] [--repeats 10]
 
@@ -13,10 +13,12 @@ the machine slows them alike:
 - gradient, custom VJP: `jax.grad` of <sparse_moe(...), c> for a fixed random
   cotangent c, with respect to x, the gates and the three expert weights:
   the forward rule and the backward pass together, as a training step runs them;
-- gradient, plain autodiff: the same with JAX differentiating sparse_moe's
-  loops itself (`moe._sparse_moe_forward`, the function the custom VJP wraps);
 - gradient, dense: the same for `moe.dense_moe` (every expert on every
-  token), the cost the plain autodiff of the sparse loops comes close to.
+  token).
+
+(JAX's own differentiation of sparse_moe's loops is no longer a row: they
+run over the experts with rows and their tiles with traced trip counts,
+which JAX cannot differentiate in reverse mode.)
 """
 
 from __future__ import annotations
@@ -89,11 +91,9 @@ def main(argv=None) -> None:
   x, gates, expert_indices, weights, cotangent = _inputs(args)
   inputs = (x, gates, expert_indices, *weights)
   sparse = functools.partial(moe.sparse_moe, tile_size=args.tile_size)
-  plain = functools.partial(moe._sparse_moe_forward, args.tile_size)
   rows = {
       "forward": jax.jit(sparse),
       "gradient, custom VJP": _gradient(sparse, cotangent),
-      "gradient, plain autodiff": _gradient(plain, cotangent),
       "gradient, dense_moe autodiff": _gradient(moe.dense_moe, cotangent),
   }
   counts = np.bincount(np.asarray(expert_indices).ravel(), minlength=args.experts)

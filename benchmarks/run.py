@@ -2,6 +2,7 @@
 
   python -m benchmarks.run [--quick] [--json PATH] [--dtype float32]
                            [--residency int8|bfloat16|float32] [--grok1-width]
+                           [--only PART[,PART...]]
 
 One run measures, on the BENCH config (or Grok-1 width with --grok1-width)
 with random int8 weights:
@@ -15,7 +16,7 @@ with random int8 weights:
 - bytes of weights on the device and the peak RSS of the process;
 
 then checks the issue's targets as ratios within the same run, prints a table
-and writes JSON. Every time is the median of repeated calls after a first
+and writes JSON. `--only` measures the limits and the named parts alone (see PARTS). Every time is the median of repeated calls after a first
 (compiling) call, with inputs rotated between calls. See benchmarks/README.md.
 """
 
@@ -65,6 +66,9 @@ TARGETS = (
 # time; int8 weights with per-channel scales, SiLU experts, renormalised routing.
 MANY_EXPERTS = (128, 8, 1024, 384)  # experts, chosen, width, expert FFN
 
+# The measurements one run makes after the limits, in order (--only chooses some).
+PARTS = ("prefill", "decode", "moe", "many-experts", "generate")
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -84,6 +88,7 @@ class Settings:
   peak_flops: float | None = None       # FLOP/s from a data sheet, for utilisation
   many_experts: tuple[int, int, int, int] = MANY_EXPERTS  # the many-experts MoE layer
   mesh: tuple[int, int] | None = None   # (data, model): run on a mesh of devices
+  parts: tuple[str, ...] = PARTS        # what to measure after the limits
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
@@ -126,7 +131,21 @@ def _parse_args(argv=None) -> argparse.Namespace:
                            "as run.py --mesh does. On a CPU, "
                            "XLA_FLAGS=--xla_force_host_platform_device_count=2 with "
                            "--mesh 1x2 runs one device a core")
+  parser.add_argument("--only", type=_parts, default=PARTS, metavar="PART[,PART...]",
+                      help="measure the limits and only these parts, of "
+                           f"{', '.join(PARTS)} (default: all); e.g. --only "
+                           "moe,many-experts")
   return parser.parse_args(argv)
+
+
+def _parts(text: str) -> tuple[str, ...]:
+  """--only's value: known part names, in the run's order."""
+  names = [name.strip() for name in text.split(",") if name.strip()]
+  unknown = [name for name in names if name not in PARTS]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(
+        f"unknown part {', '.join(unknown) or repr(text)}; known: {', '.join(PARTS)}")
+  return tuple(part for part in PARTS if part in names)
 
 
 def _settings(args) -> Settings:
@@ -145,7 +164,7 @@ def _settings(args) -> Settings:
       generate_new_tokens=16 if args.quick else NEW_TOKENS,
       peak_bandwidth=args.peak_bandwidth and args.peak_bandwidth * 1e9,
       peak_flops=args.peak_tflops and args.peak_tflops * 1e12,
-      mesh=sharding.parse_mesh(args.mesh) if args.mesh else None)
+      mesh=sharding.parse_mesh(args.mesh) if args.mesh else None, parts=args.only)
 
 
 # --- Random weights, made on the device. ---
@@ -442,92 +461,108 @@ def run(settings: Settings, log=print, seed: int = 0) -> dict:
   peak_reset = _reset_peak_rss()
   rss_before_weights = _status_bytes("VmRSS")
 
-  log("weights ...")
-  int8_params = random_params(config, seed)
-  int8_bytes_per_token = counts.bytes_per_token(int8_params, config)
-  params = jax.block_until_ready(quant.with_residency(int8_params, settings.residency))
-  del int8_params
-  plan = None
-  if settings.mesh is not None:
-    data, model = settings.mesh
-    mesh = sharding.make_mesh(data, model, devices=jax.devices()[:data * model])
-    plan = sharding.ShardingPlan(config, mesh, "tensor")
-    params = plan.shard_params(params)
-  results["counts"] = {
-      "active_parameters": counts.active_parameters(config),
-      "bytes_per_token_int8": int8_bytes_per_token,
-      "bytes_per_token_resident": counts.bytes_per_token(params, config),
-      "weight_bytes": counts.weight_bytes(params)}
+  parts, params, plan = settings.parts, None, None
+  if set(parts) - {"many-experts"}:  # the many-experts layer makes weights of its own
+    log("weights ...")
+    int8_params = random_params(config, seed)
+    int8_bytes_per_token = counts.bytes_per_token(int8_params, config)
+    params = jax.block_until_ready(quant.with_residency(int8_params, settings.residency))
+    del int8_params
+    if settings.mesh is not None:
+      data, model = settings.mesh
+      mesh = sharding.make_mesh(data, model, devices=jax.devices()[:data * model])
+      plan = sharding.ShardingPlan(config, mesh, "tensor")
+      params = plan.shard_params(params)
+    results["counts"] = {
+        "active_parameters": counts.active_parameters(config),
+        "bytes_per_token_int8": int8_bytes_per_token,
+        "bytes_per_token_resident": counts.bytes_per_token(params, config),
+        "weight_bytes": counts.weight_bytes(params)}
 
-  log(f"prefill {settings.prefill_tokens} tokens ...")
-  results["prefill"] = measure_prefill(params, settings, rng, plan)
-  results["decode"] = []
-  for length in settings.decode_cache_lengths:
-    log(f"decode with {length} cached tokens ...")
-    results["decode"].append(measure_decode(params, settings, length, rng, plan))
-  log(f"MoE layer on {settings.moe_tokens} tokens ...")
-  results["moe"] = measure_moe(params, settings, rng, plan)
-  log(f"MoE layer of {settings.many_experts[0]} experts on {settings.moe_tokens} tokens ...")
-  results["many_experts"] = measure_many_experts(settings, rng)
-  results["generate"] = []
-  for batch in settings.generate_batches:
-    log(f"generate, batch {batch} ...")
-    results["generate"].append(measure_generate(params, settings, batch, rng, plan))
-  results["memory"] = {"weight_bytes": counts.weight_bytes(params),
-                       "weight_bytes_per_device": _bytes_per_device(params),
-                       "rss_before_weights_bytes": rss_before_weights,
-                       "peak_rss_bytes": _peak_rss_bytes(),
-                       "peak_rss_excludes_limits": peak_reset, **_device_memory()}
+  if "prefill" in parts:
+    log(f"prefill {settings.prefill_tokens} tokens ...")
+    results["prefill"] = measure_prefill(params, settings, rng, plan)
+  if "decode" in parts:
+    results["decode"] = []
+    for length in settings.decode_cache_lengths:
+      log(f"decode with {length} cached tokens ...")
+      results["decode"].append(measure_decode(params, settings, length, rng, plan))
+  if "moe" in parts:
+    log(f"MoE layer on {settings.moe_tokens} tokens ...")
+    results["moe"] = measure_moe(params, settings, rng, plan)
+  if "many-experts" in parts:
+    log(f"MoE layer of {settings.many_experts[0]} experts on {settings.moe_tokens} tokens ...")
+    results["many_experts"] = measure_many_experts(settings, rng)
+  if "generate" in parts:
+    results["generate"] = []
+    for batch in settings.generate_batches:
+      log(f"generate, batch {batch} ...")
+      results["generate"].append(measure_generate(params, settings, batch, rng, plan))
+  if params is not None:
+    results["memory"] = {"weight_bytes": counts.weight_bytes(params),
+                         "weight_bytes_per_device": _bytes_per_device(params),
+                         "rss_before_weights_bytes": rss_before_weights,
+                         "peak_rss_bytes": _peak_rss_bytes(),
+                         "peak_rss_excludes_limits": peak_reset, **_device_memory()}
   results["ratios"] = ratios(results, settings)
   results["targets"] = check_targets(results)
   return results
 
 
 def ratios(results: dict, settings: Settings) -> dict:
-  """Measured time over the time at the machine's limit, and utilisations (their inverses)."""
+  """Measured time over the time at the machine's limit, and utilisations (their inverses),
+  for the parts the run measured."""
   flop_per_s = results["limits"]["matmul"]["flops_per_s"]
   bytes_per_s = results["limits"]["read_bandwidth"]["bytes_per_s"]
-  active = results["counts"]["active_parameters"]["total"]
-  prefill = results["prefill"]
-  prefill_flops = 2 * active * prefill["tokens"]
-  prefill_limit = prefill_flops / flop_per_s
-  decode = {d["cached_tokens"]: d["seconds"] for d in results["decode"]}
-  shortest, longest = min(decode), max(decode)
-  token_bytes = results["counts"]["bytes_per_token_int8"]["total"]
-  decode_limit = token_bytes / bytes_per_s
-  resident_limit = results["counts"]["bytes_per_token_resident"]["total"] / bytes_per_s
-  out = {
-      "prefill_flop_limit_seconds": prefill_limit,
-      "prefill_vs_flop_limit": prefill["seconds"] / prefill_limit,
-      "model_flop_utilisation_prefill": prefill_limit / prefill["seconds"],
-      "decode_bandwidth_limit_seconds": decode_limit,
-      "decode_vs_bandwidth_limit": decode[shortest] / decode_limit,
-      "decode_vs_resident_bandwidth_limit": decode[shortest] / resident_limit,
-      "bandwidth_utilisation_decode": decode_limit / decode[shortest],
-      "decode_longest_vs_shortest": decode[longest] / decode[shortest],
-      "moe_sparse_vs_dense": results["moe"]["sparse_seconds"] / results["moe"]["dense_seconds"],
-      "many_experts_vs_flop_limit": (results["many_experts"]["sparse_seconds"]
-                                     / (results["many_experts"]["active_flops"] / flop_per_s)),
-      "many_experts_decode_vs_bandwidth_limit": (
-          results["many_experts"]["decode_seconds"]
-          / (results["many_experts"]["decode_bytes"] / bytes_per_s)),
-  }
-  if settings.peak_bandwidth:
-    out["bandwidth_utilisation_decode_nominal"] = (
-        token_bytes / settings.peak_bandwidth / decode[shortest])
-  if settings.peak_flops:
-    out["model_flop_utilisation_prefill_nominal"] = (
-        prefill_flops / settings.peak_flops / prefill["seconds"])
+  out = {}
+  if "prefill" in results:
+    prefill = results["prefill"]
+    prefill_flops = 2 * results["counts"]["active_parameters"]["total"] * prefill["tokens"]
+    prefill_limit = prefill_flops / flop_per_s
+    out.update({
+        "prefill_flop_limit_seconds": prefill_limit,
+        "prefill_vs_flop_limit": prefill["seconds"] / prefill_limit,
+        "model_flop_utilisation_prefill": prefill_limit / prefill["seconds"]})
+    if settings.peak_flops:
+      out["model_flop_utilisation_prefill_nominal"] = (
+          prefill_flops / settings.peak_flops / prefill["seconds"])
+  if "decode" in results:
+    decode = {d["cached_tokens"]: d["seconds"] for d in results["decode"]}
+    shortest, longest = min(decode), max(decode)
+    token_bytes = results["counts"]["bytes_per_token_int8"]["total"]
+    decode_limit = token_bytes / bytes_per_s
+    resident_limit = results["counts"]["bytes_per_token_resident"]["total"] / bytes_per_s
+    out.update({
+        "decode_bandwidth_limit_seconds": decode_limit,
+        "decode_vs_bandwidth_limit": decode[shortest] / decode_limit,
+        "decode_vs_resident_bandwidth_limit": decode[shortest] / resident_limit,
+        "bandwidth_utilisation_decode": decode_limit / decode[shortest],
+        "decode_longest_vs_shortest": decode[longest] / decode[shortest]})
+    if settings.peak_bandwidth:
+      out["bandwidth_utilisation_decode_nominal"] = (
+          token_bytes / settings.peak_bandwidth / decode[shortest])
+  if "moe" in results:
+    out["moe_sparse_vs_dense"] = (results["moe"]["sparse_seconds"]
+                                  / results["moe"]["dense_seconds"])
+  if "many_experts" in results:
+    many = results["many_experts"]
+    out["many_experts_vs_flop_limit"] = (many["sparse_seconds"]
+                                         / (many["active_flops"] / flop_per_s))
+    out["many_experts_decode_vs_bandwidth_limit"] = (many["decode_seconds"]
+                                                     / (many["decode_bytes"] / bytes_per_s))
   return out
 
 
 def check_targets(results: dict) -> list[dict]:
-  """The issue's targets (set for the 2-core CPU): PASS/FAIL there, "info" elsewhere."""
+  """The issue's targets (set for the 2-core CPU) of the parts measured: PASS/FAIL there,
+  "info" elsewhere."""
   on_cpu = results["machine"]["backend"] == "cpu"
-  decode = [d["cached_tokens"] for d in results["decode"]]
   checks = []
   for name, key, bound in TARGETS:
+    if key not in results["ratios"]:
+      continue
     if key == "decode_longest_vs_shortest":
+      decode = [d["cached_tokens"] for d in results["decode"]]
       name = f"decode at {max(decode)} / at {min(decode)} cached"
     value = results["ratios"][key]
     verdict = ("PASS" if value <= bound else "FAIL") if on_cpu else "info"
@@ -541,7 +576,7 @@ def _ms(seconds: float) -> str:
 
 def table(results: dict) -> str:
   """The results as Markdown: one table of figures, one of the targets."""
-  m, lim, c, r = results["machine"], results["limits"], results["counts"], results["ratios"]
+  m, lim, r = results["machine"], results["limits"], results["ratios"]
   cfg, run_settings = results["config"], results["settings"]
   rows = [
       ("machine", f"{m['cpu']}, {m['cpus']} CPUs; {m['backend']} ({m['device']}); jax {m['jax']}"),
@@ -554,44 +589,53 @@ def table(results: dict) -> str:
       ("read bandwidth (limit)", f"{lim['read_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s"),
       (f"matmul {lim['matmul']['dtype']} (limit)",
        f"{lim['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s"),
-      ("active parameters / token", f"{c['active_parameters']['total'] / 1e6:.2f} M"),
-      ("weight bytes read / decoded token",
-       f"{c['bytes_per_token_int8']['total'] / 1e6:.2f} MB as int8"
-       + ("" if run_settings["residency"] == "int8" else
-          f", {c['bytes_per_token_resident']['total'] / 1e6:.2f} MB as held")),
-      (f"prefill {results['prefill']['tokens']} tokens",
-       f"{_ms(results['prefill']['seconds'])} (at the FLOP limit "
-       f"{_ms(r['prefill_flop_limit_seconds'])}; MFU {100 * r['model_flop_utilisation_prefill']:.0f}%)"),
   ]
-  for d in results["decode"]:
-    rows.append((f"decode / token, {d['cached_tokens']} cached",
-                 f"{_ms(d['seconds'])} (cache of {d['cache_capacity']} slots)"))
-  rows.append(("decode at the bandwidth limit",
-               f"{_ms(r['decode_bandwidth_limit_seconds'])} / token (MBU "
-               f"{100 * r['bandwidth_utilisation_decode']:.0f}% at "
-               f"{min(d['cached_tokens'] for d in results['decode'])} cached)"))
-  moe_result = results["moe"]
-  rows.append((f"MoE layer, {moe_result['tokens']} tokens",
-               f"sparse {_ms(moe_result['sparse_seconds'])}, "
-               f"all {cfg['num_experts']} experts dense {_ms(moe_result['dense_seconds'])}"))
-  many = results["many_experts"]
-  rows.append((f"MoE layer, {many['shape']['experts']} experts (top {many['shape']['k']}), "
-               f"{many['tokens']} tokens",
-               f"sparse {_ms(many['sparse_seconds'])} ({r['many_experts_vs_flop_limit']:.2f}x "
-               f"the FLOP limit of its active work); 1 token {_ms(many['decode_seconds'])} "
-               f"({r['many_experts_decode_vs_bandwidth_limit']:.1f}x its bandwidth limit)"))
-  for g in results["generate"]:
+  if "counts" in results:
+    c = results["counts"]
+    rows += [
+        ("active parameters / token", f"{c['active_parameters']['total'] / 1e6:.2f} M"),
+        ("weight bytes read / decoded token",
+         f"{c['bytes_per_token_int8']['total'] / 1e6:.2f} MB as int8"
+         + ("" if run_settings["residency"] == "int8" else
+            f", {c['bytes_per_token_resident']['total'] / 1e6:.2f} MB as held"))]
+  if "prefill" in results:
+    rows.append((f"prefill {results['prefill']['tokens']} tokens",
+                 f"{_ms(results['prefill']['seconds'])} (at the FLOP limit "
+                 f"{_ms(r['prefill_flop_limit_seconds'])}; MFU "
+                 f"{100 * r['model_flop_utilisation_prefill']:.0f}%)"))
+  if "decode" in results:
+    for d in results["decode"]:
+      rows.append((f"decode / token, {d['cached_tokens']} cached",
+                   f"{_ms(d['seconds'])} (cache of {d['cache_capacity']} slots)"))
+    rows.append(("decode at the bandwidth limit",
+                 f"{_ms(r['decode_bandwidth_limit_seconds'])} / token (MBU "
+                 f"{100 * r['bandwidth_utilisation_decode']:.0f}% at "
+                 f"{min(d['cached_tokens'] for d in results['decode'])} cached)"))
+  if "moe" in results:
+    moe_result = results["moe"]
+    rows.append((f"MoE layer, {moe_result['tokens']} tokens",
+                 f"sparse {_ms(moe_result['sparse_seconds'])}, "
+                 f"all {cfg['num_experts']} experts dense {_ms(moe_result['dense_seconds'])}"))
+  if "many_experts" in results:
+    many = results["many_experts"]
+    rows.append((f"MoE layer, {many['shape']['experts']} experts (top {many['shape']['k']}), "
+                 f"{many['tokens']} tokens",
+                 f"sparse {_ms(many['sparse_seconds'])} ({r['many_experts_vs_flop_limit']:.2f}x "
+                 f"the FLOP limit of its active work); 1 token {_ms(many['decode_seconds'])} "
+                 f"({r['many_experts_decode_vs_bandwidth_limit']:.1f}x its bandwidth limit)"))
+  for g in results.get("generate", []):
     rows.append((f"generate, batch {g['batch']}",
                  f"{g['tokens_per_s']:.0f} tokens/s ({g['prompt_tokens']}-token prompts, "
                  f"{g['new_tokens']} new, prefill included)"))
-  mem = results["memory"]
-  rows.append(("weights on device", f"{mem['weight_bytes'] / 1e6:.1f} MB"
-               + ("" if mem["weight_bytes_per_device"] == mem["weight_bytes"] else
-                  f" ({mem['weight_bytes_per_device'] / 1e6:.1f} MB a device)")))
-  rows.append(("peak RSS", f"{mem['peak_rss_bytes'] / 1e6:.0f} MB"
-               + ("" if mem["peak_rss_excludes_limits"] else " (includes the limits' arrays)")))
-  if "peak_bytes_in_use" in mem:
-    rows.append(("peak device memory", f"{mem['peak_bytes_in_use'] / 1e9:.2f} GB"))
+  if "memory" in results:
+    mem = results["memory"]
+    rows.append(("weights on device", f"{mem['weight_bytes'] / 1e6:.1f} MB"
+                 + ("" if mem["weight_bytes_per_device"] == mem["weight_bytes"] else
+                    f" ({mem['weight_bytes_per_device'] / 1e6:.1f} MB a device)")))
+    rows.append(("peak RSS", f"{mem['peak_rss_bytes'] / 1e6:.0f} MB"
+                 + ("" if mem["peak_rss_excludes_limits"] else " (includes the limits' arrays)")))
+    if "peak_bytes_in_use" in mem:
+      rows.append(("peak device memory", f"{mem['peak_bytes_in_use'] / 1e9:.2f} GB"))
   for key, label in (("bandwidth_utilisation_decode_nominal", "decode MBU, nominal peak"),
                      ("model_flop_utilisation_prefill_nominal", "prefill MFU, nominal peak")):
     if key in r:
@@ -614,6 +658,8 @@ def _default_json(args, settings: Settings) -> pathlib.Path:
     variant.append(f"act-{args.dtype}")
   if settings.mesh is not None:
     variant.append("mesh-{}x{}".format(*settings.mesh))
+  if settings.parts != PARTS:
+    variant.append("only-" + "-".join(settings.parts))
   if args.quick:
     variant.append("quick")
   return RESULTS_DIR / ("-".join(["latest", *variant]) + ".json")

@@ -84,14 +84,12 @@ def _tile_size_for(num_tokens: int, tile_size: int | None) -> int:
   return max(1, min(tile_size, num_tokens))
 
 
-def _last_tile_sizes(tile: int) -> tuple[int, ...]:
-  """Sizes for an expert's last, partial tile: 8, 16, 24, 40, 64, 96, ... (x1.5, multiples
-  of 8) below `tile`, then `tile`."""
-  sizes, size = [], 8
-  while size < tile:
-    sizes.append(size)
-    size = -(-(size * 3 // 2) // 8) * 8
-  return (*sizes, tile)
+def _tile_sizes(tile: int) -> tuple[int, ...]:
+  """The sizes of tile an expert's rows run in, largest first: `tile`, then the powers of
+  two below it down to 8 (`tile` alone when it is at most 8)."""
+  smallest = min(8, tile)
+  return (tile, *(1 << j for j in reversed(range(tile.bit_length()))
+                  if smallest <= 1 << j < tile))
 
 
 class _SortedAssignments(NamedTuple):
@@ -134,29 +132,42 @@ def _tile_rows(assignments: _SortedAssignments, expert, first, size: int):
   return rows, valid, tokens, row_gates
 
 
-def _over_tiles(run_rows, carry, count, num_tokens: int, tile: int):
+def _tile_counts(count, sizes: tuple[int, ...]) -> list[jax.Array]:
+  """How many tiles of each of `sizes` (`_tile_sizes(tile)`) cover `count` rows.
+
+  count // tile full tiles; the rest rounded up to a multiple of the smallest
+  size (so padded by at most 7 rows), which is one more full tile if it
+  reaches `tile`, else a sum of distinct powers of two below `tile`: its bits.
+  """
+  tile, smallest = sizes[0], sizes[-1]
+  rest = jnp.minimum((count % tile + smallest - 1) // smallest * smallest, tile)
+  counts = [count // tile + (rest == tile)]
+  return counts + [((rest < tile) & ((rest & size) != 0)).astype(count.dtype)
+                   for size in sizes[1:]]
+
+
+def _over_tiles(run_rows, carry, count, tile: int):
   """carry through run_rows(carry, first, size) over an expert's `count` rows, tile by tile.
 
-  count // tile full tiles of `tile` rows (a scan with the static bound
-  num_tokens // tile, tiles past the count skipped), then the count % tile
-  rows left as one tile of the smallest size that holds them among
-  `_last_tile_sizes(tile)` (`lax.switch`; none when no rows are left).
+  The rows run as `_tile_counts` tiles of each size of `_tile_sizes(tile)`,
+  largest first, each size a loop of that many steps (most run 0 or 1 times):
+  one compiled FFN per size, and at most 7 padding rows per expert.
   """
-  full_tiles = count // tile
+  sizes = _tile_sizes(tile)
+  first = jnp.zeros((), count.dtype)
+  for size, tiles in zip(sizes, _tile_counts(count, sizes)):
+    carry = jax.lax.fori_loop(
+        0, tiles, lambda index, carry, first=first, size=size: run_rows(
+            carry, first + index * size, size), carry)
+    first = first + tiles * size
+  return carry
 
-  def run_full_tile(carry, index):
-    return jax.lax.cond(index < full_tiles,
-                        lambda carry: run_rows(carry, index * tile, tile),
-                        lambda carry: carry, carry), None
 
-  carry, _ = jax.lax.scan(run_full_tile, carry, jnp.arange(num_tokens // tile))
-  first, rest = full_tiles * tile, count % tile
-  last_tile_sizes = _last_tile_sizes(tile)
-  branches = [lambda carry: carry] + [functools.partial(run_rows, first=first, size=size)
-                                      for size in last_tile_sizes]
-  # 0 when no rows are left, else 1 + the smallest size that holds them.
-  branch = jnp.where(rest > 0, 1 + jnp.searchsorted(jnp.asarray(last_tile_sizes), rest), 0)
-  return jax.lax.switch(branch, branches, carry)
+def _active_experts(counts) -> tuple[jax.Array, jax.Array]:
+  """counts [E] -> the experts with rows, in index order, padded with 0s [E], and their number."""
+  has_rows = counts > 0                                                        # [E]
+  (active,) = jnp.nonzero(has_rows, size=counts.shape[0], fill_value=0)        # [E]
+  return active.astype(jnp.int32), jnp.sum(has_rows, dtype=jnp.int32)
 
 
 def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, layer=None,
@@ -166,21 +177,21 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, la
   Algorithm (A = N*k assignments, C rows a tile, at most N):
     1. Flatten the (token, expert, gate) assignments and sort them by expert
        (stable, so tokens keep their order within an expert).
-    2. `lax.scan` over the experts. An expert no token chose is skipped with
-       `lax.cond`, so its weights are never read.
-    3. An expert's `count` rows run as count // C full tiles of C rows (a scan
-       with the static bound N // C, tiles past the count skipped), then the
-       remaining count % C rows as one tile of the smallest size that holds
-       them among 8, 16, 24, 40, 64, 96, ..., C (`lax.switch`), so a partial
-       tile pads less than half its rows (plus up to 8), and an expert with
-       fewer than C rows costs one call of each matmul.
+    2. A loop over the experts that have rows only (their number is a traced
+       trip count), so an expert no token chose costs nothing and its weights
+       are never read: decoding one token with 8 of 128 experts runs 8 steps.
+    3. An expert's `count` rows run as count // C full tiles of C rows, then
+       the rest, rounded up to a multiple of 8, as at most one tile each of
+       the powers of two below C (its binary digits; 75 rows with C = 256: 64
+       + 16), each size a loop of 0 or 1 steps: at most 7 padding rows per
+       expert, and one compiled FFN per size (6 for C = 256).
     4. Each tile gathers its tokens, runs the expert's FFN, scales the rows by
        their gates and scatter-adds them back onto their tokens, undoing the
        sort. Padding rows carry gate 0.
   Weights: with tiles of more than quant.CHUNKED_MAX_ROWS rows (prefill,
   training) an expert's weights are dequantized once for all its tiles; with
   fewer (decode) `quant.matmul` reads its int8 weights in place, chunk by chunk.
-  Work: A rows of FFN plus the padding of one partial tile per expert,
+  Work: A rows of FFN plus at most 7 padding rows per expert with rows,
   instead of the dense N*E.
 
   `layer` (an int or a traced index) selects one layer of weights stacked
@@ -189,14 +200,14 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, la
   reads k of them.
 
   Gradient: a `jax.custom_vjp` (`_sparse_moe_backward`) that walks the same
-  tiles and skips the same empty experts and tiles, which JAX's own
-  differentiation of the loops above does not (for one demo-sized layer
-  that takes 10x as long, and 2x as long as the gradient of `dense_moe`:
-  `python -m benchmarks.moe_grad`). It keeps only the inputs and recomputes
-  each tile's FFN. It gives the cotangents of x, gates and the weights'
-  float leaves: float weights, or the bfloat16 scales of a QuantizedWeight
-  (whose int8 values, like expert_indices, get float0 zeros: integers have
-  no gradient). Reverse mode only: `jax.jvp` through it raises.
+  tiles and skips the same empty experts and tiles (JAX cannot differentiate
+  loops of a traced trip count in reverse mode, and its differentiation of
+  scans over every expert and tile took 10x as long for one demo-sized
+  layer). It keeps only the inputs and recomputes each tile's FFN. It gives
+  the cotangents of x, gates and the weights' float leaves: float weights,
+  or the bfloat16 scales of a QuantizedWeight (whose int8 values, like
+  expert_indices, get float0 zeros: integers have no gradient). Reverse
+  mode only: `jax.jvp` through it raises.
   """
   # NumPy inputs become arrays, which traced indices can index.
   arrays = jax.tree.map(jnp.asarray, (x, gates, expert_indices, w_in, w_v, w_out))
@@ -226,29 +237,29 @@ def _sparse_moe_forward(static, layer, x, gates, expert_indices, w_in, w_v, w_ou
   convert_once = tile > quant.CHUNKED_MAX_ROWS
   assignments = _sort_assignments(gates, expert_indices, num_experts)
 
-  def run_expert(out, expert):
-    def process(out):
-      if convert_once:  # dequantize the expert's weights once for all its tiles
-        weights = [quant.dequantize(quant.take(w, prefix + (expert,)), x.dtype)
-                   for w in (w_in, w_v, w_out)]                                # [D, F], [D, F], [F, D]
-        ffn = functools.partial(expert_ffn, w_in=weights[0], w_v=weights[1], w_out=weights[2],
-                                activation=activation)
-      else:  # few rows: quant.matmul reads the expert's weights in place
-        ffn = functools.partial(_indexed_expert_ffn, w_in=w_in, w_v=w_v, w_out=w_out,
-                                index=prefix + (expert,), activation=activation)
+  active, num_active = _active_experts(assignments.counts)
 
-      def run_rows(out, first, size: int):
-        """The expert's rows first .. first + size (those below its count) onto out."""
-        _, _, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C] each
-        y = ffn(x[tokens])                                                     # [C, D]
-        return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
+  def run_expert(index, out):
+    expert = active[index]
+    if convert_once:  # dequantize the expert's weights once for all its tiles
+      weights = [quant.dequantize(quant.take(w, prefix + (expert,)), x.dtype)
+                 for w in (w_in, w_v, w_out)]                          # [D, F], [D, F], [F, D]
+      ffn = functools.partial(expert_ffn, w_in=weights[0], w_v=weights[1], w_out=weights[2],
+                              activation=activation)
+    else:  # few rows: quant.matmul reads the expert's weights in place
+      ffn = functools.partial(_indexed_expert_ffn, w_in=w_in, w_v=w_v, w_out=w_out,
+                              index=prefix + (expert,), activation=activation)
 
-      return _over_tiles(run_rows, out, assignments.counts[expert], num_tokens, tile)
+    def run_rows(out, first, size: int):
+      """The expert's rows first .. first + size (those below its count) onto out."""
+      _, _, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C] each
+      y = ffn(x[tokens])                                                     # [C, D]
+      return out.at[tokens].add(y.astype(jnp.float32) * row_gates[:, None])
 
-    return jax.lax.cond(assignments.counts[expert] > 0, process, lambda out: out, out), None
+    return _over_tiles(run_rows, out, assignments.counts[expert], tile)
 
-  out, _ = jax.lax.scan(run_expert, jnp.zeros((num_tokens, width), jnp.float32),
-                        jnp.arange(num_experts))                               # [N, D]
+  out = jax.lax.fori_loop(0, num_active, run_expert,
+                          jnp.zeros((num_tokens, width), jnp.float32))         # [N, D]
   return out.astype(x.dtype)
 
 
@@ -262,8 +273,8 @@ def _sparse_moe_forward_with_residuals(static, layer, x, gates, expert_indices, 
 def _sparse_moe_backward(static, residuals, out_grad):
   """Cotangents of (layer, x, gates, expert_indices, w_in, w_v, w_out) from out_grad [N, D].
 
-  The forward's walk again (the same sort, the same experts and tiles, empty
-  ones skipped). Per expert, its weights are dequantized once to x's dtype
+  The forward's walk again (the same sort, the same experts with rows and
+  tiles). Per expert, its weights are dequantized once to x's dtype
   (keeping the VJP of that step), then per tile of rows, with g_t the tile's
   rows of out_grad in float32:
     1. recompute y_t = expert_ffn(x_t) and keep its VJP (nothing from the
@@ -274,9 +285,10 @@ def _sparse_moe_backward(static, residuals, out_grad):
        sum d W_t over the tiles in float32.
   The expert's summed d W goes back through the dequantization's VJP to the
   float leaves of its weights (the weights themselves, or the scales of int8
-  weights). Empty experts get zero cotangents. Finally the gate cotangents
-  are unsorted. With a `layer`, the weights' cotangents are zero but in that
-  layer's slot of the stacks [L, E, ...].
+  weights), written into its slot of zero stacks shaped as the weights
+  ([E, ...], or [L, E, ...] with a `layer`), so that experts no token chose
+  and other layers get zero cotangents. Finally the gate cotangents are
+  unsorted.
   """
   tile_size, activation = static
   layer, x, gates, expert_indices, w_in, w_v, w_out = residuals
@@ -290,49 +302,46 @@ def _sparse_moe_backward(static, residuals, out_grad):
   weight_leaves, weight_tree = jax.tree.flatten((w_in, w_v, w_out))
   is_float = [_is_float(leaf) for leaf in weight_leaves]
 
-  def run_expert(carry, expert):
-    def process(carry):
-      # weights: w_in, w_v [D, F] and w_out [F, D] in x's dtype.
-      weights, dense_weights_vjp = _dense_expert_weights_with_vjp(
-          (w_in, w_v, w_out), prefix + (expert,), x.dtype)
+  float_leaves = [leaf for leaf, f in zip(weight_leaves, is_float) if f]
+  active, num_active = _active_experts(assignments.counts)
 
-      def run_rows(carry, first, size: int):
-        """The expert's rows first .. first + size: their cotangents added to carry."""
-        x_grad, sorted_gate_grad, weight_grads = carry
-        rows, valid, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C]
-        y, ffn_vjp = jax.vjp(ffn, x[tokens], *weights)                         # y [C, D]
-        row_grad = out_grad[tokens]                                            # [C, D]
-        row_gate_grad = jnp.where(
-            valid, jnp.sum(row_grad * y.astype(jnp.float32), axis=-1), 0.0)    # [C]
-        rows_x_grad, *tile_weight_grads = ffn_vjp(
-            (row_grad * row_gates[:, None]).astype(y.dtype))                   # [C, D], W shapes
-        return (x_grad.at[tokens].add(rows_x_grad.astype(jnp.float32)),
-                sorted_gate_grad.at[rows].add(row_gate_grad),
-                [total + part.astype(jnp.float32)
-                 for total, part in zip(weight_grads, tile_weight_grads)])
+  def run_expert(index, carry):
+    expert = active[index]
+    x_grad, sorted_gate_grad, stacked_float_grads = carry
+    # weights: w_in, w_v [D, F] and w_out [F, D] in x's dtype.
+    weights, dense_weights_vjp = _dense_expert_weights_with_vjp(
+        (w_in, w_v, w_out), prefix + (expert,), x.dtype)
 
-      zero_weight_grads = [jnp.zeros(w.shape, jnp.float32) for w in weights]
-      x_grad, sorted_gate_grad, weight_grads = _over_tiles(
-          run_rows, (*carry, zero_weight_grads), assignments.counts[expert], num_tokens, tile)
-      (float_grads,) = dense_weights_vjp(
-          [grad.astype(w.dtype) for grad, w in zip(weight_grads, weights)])
-      return (x_grad, sorted_gate_grad), float_grads
+    def run_rows(carry, first, size: int):
+      """The expert's rows first .. first + size: their cotangents added to carry."""
+      x_grad, sorted_gate_grad, weight_grads = carry
+      rows, valid, tokens, row_gates = _tile_rows(assignments, expert, first, size)  # [C]
+      y, ffn_vjp = jax.vjp(ffn, x[tokens], *weights)                           # y [C, D]
+      row_grad = out_grad[tokens]                                              # [C, D]
+      row_gate_grad = jnp.where(
+          valid, jnp.sum(row_grad * y.astype(jnp.float32), axis=-1), 0.0)      # [C]
+      rows_x_grad, *tile_weight_grads = ffn_vjp(
+          (row_grad * row_gates[:, None]).astype(y.dtype))                     # [C, D], W shapes
+      return (x_grad.at[tokens].add(rows_x_grad.astype(jnp.float32)),
+              sorted_gate_grad.at[rows].add(row_gate_grad),
+              [total + part.astype(jnp.float32)
+               for total, part in zip(weight_grads, tile_weight_grads)])
 
-    def skip(carry):
-      return carry, [jnp.zeros(leaf.shape[len(prefix) + 1:], leaf.dtype)
-                     for leaf, f in zip(weight_leaves, is_float) if f]
-
-    return jax.lax.cond(assignments.counts[expert] > 0, process, skip, carry)
+    zero_weight_grads = [jnp.zeros(w.shape, jnp.float32) for w in weights]
+    x_grad, sorted_gate_grad, weight_grads = _over_tiles(
+        run_rows, (x_grad, sorted_gate_grad, zero_weight_grads), assignments.counts[expert],
+        tile)
+    (float_grads,) = dense_weights_vjp(
+        [grad.astype(w.dtype) for grad, w in zip(weight_grads, weights)])
+    return (x_grad, sorted_gate_grad,
+            [_put(stack, grad, prefix + (expert,))
+             for stack, grad in zip(stacked_float_grads, float_grads)])
 
   init = (jnp.zeros(x.shape, jnp.float32),                                     # [N, D]
-          jnp.zeros(assignments.gates.shape, jnp.float32))                     # [A]
-  (x_grad, sorted_gate_grad), stacked_float_grads = jax.lax.scan(
-      run_expert, init, jnp.arange(num_experts))                               # [E, ...] each
-  if layer is not None:  # [E, ...] into the layer's slot of zeros [L, E, ...]
-    float_leaves = [leaf for leaf, f in zip(weight_leaves, is_float) if f]
-    stacked_float_grads = [
-        jax.lax.dynamic_update_index_in_dim(jnp.zeros(leaf.shape, grad.dtype), grad, layer, 0)
-        for leaf, grad in zip(float_leaves, stacked_float_grads)]
+          jnp.zeros(assignments.gates.shape, jnp.float32),                     # [A]
+          [jnp.zeros(leaf.shape, leaf.dtype) for leaf in float_leaves])        # [(L,) E, ...]
+  x_grad, sorted_gate_grad, stacked_float_grads = jax.lax.fori_loop(
+      0, num_active, run_expert, init)
   stacked = iter(stacked_float_grads)
   weight_grads = jax.tree.unflatten(
       weight_tree, [next(stacked) if f else _integer_cotangent(leaf)
@@ -342,6 +351,13 @@ def _sparse_moe_backward(static, residuals, out_grad):
   layer_grad = None if layer is None else _integer_cotangent(layer)
   return (layer_grad, x_grad.astype(x.dtype), gates_grad.astype(gates.dtype),
           _integer_cotangent(expert_indices), *weight_grads)
+
+
+def _put(stack, value, index: tuple):
+  """stack [I..., ...] with value [...] written at the leading index (traced ints)."""
+  start = (*index, *(0,) * value.ndim)
+  return jax.lax.dynamic_update_slice(stack, value.reshape((1,) * len(index) + value.shape),
+                                      start)
 
 
 def _is_float(leaf) -> bool:

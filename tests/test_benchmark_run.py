@@ -6,6 +6,7 @@ import json
 import math
 
 import jax.numpy as jnp
+import pytest
 
 from benchmarks import counts
 from benchmarks import run as bench
@@ -74,3 +75,32 @@ def test_run_on_a_mesh_holds_a_share_of_the_weights_per_device():
   assert all(0 < n <= g["batch"] * 3 for g in results["generate"] for n in g["generated"])
   assert [t["verdict"] in ("PASS", "FAIL") for t in results["targets"]] == [True] * 5
   assert "on a 1x2 mesh" in bench.table(results)
+
+
+def test_only_measures_the_named_parts(capsys):
+  """--only many-experts measures the limits and that layer alone (no model weights),
+  with its ratios, its target and its row; --only orders the parts as the run does and
+  names the JSON after them (a partial run never overwrites latest.json); an unknown
+  part is a usage error that names the known ones.
+
+  Catches a partial run that fails on the parts it skipped (ratios, targets, table),
+  or that writes over the full run's results.
+  """
+  settings = bench.Settings(**TINY_SETTINGS, parts=("many-experts",))
+  results = bench.run(settings, log=lambda message: None)
+  assert "many_experts" in results
+  assert not {"counts", "prefill", "decode", "moe", "generate", "memory"} & results.keys()
+  assert set(results["ratios"]) == {"many_experts_vs_flop_limit",
+                                    "many_experts_decode_vs_bandwidth_limit"}
+  assert [t["target"] for t in results["targets"]] == [
+      "many-experts MoE / FLOP limit of its active work"]
+  assert "MoE layer, 16 experts (top 4), 64 tokens" in bench.table(results)
+
+  args = bench._parse_args(["--only", "many-experts,moe"])
+  settings = bench._settings(args)
+  assert settings.parts == ("moe", "many-experts")
+  assert bench._default_json(args, settings).name == "latest-only-moe-many-experts.json"
+  with pytest.raises(SystemExit):
+    bench._parse_args(["--only", "mo"])
+  assert "unknown part mo; known: prefill, decode, moe, many-experts, generate" in (
+      capsys.readouterr().err)

@@ -257,3 +257,71 @@ def test_sparse_moe_reads_and_differentiates_one_layer_of_a_stack():
     assert grad.shape == (3, *expected.shape), name
     assert helpers.relative_error(grad[1], expected) < GRAD_TOLERANCE, name
     assert np.max(np.abs(grad[0])) == 0.0 and np.max(np.abs(grad[2])) == 0.0, name
+
+
+def test_sparse_moe_runs_every_row_count_of_an_expert():
+  """One expert gets each number of rows from 0 to all 53 tokens (the two others share
+  the rest), with tiles of 24 rows: an expert's rows then run as full tiles of 24 and
+  the rest, rounded up to a multiple of 8, as tiles of 16 and 8 or one more of 24.
+  sparse_moe equals dense_moe at every count.
+
+  Catches a tile decomposition that drops, repeats or misplaces rows at some count: a
+  rest that is a multiple of 8 or one row past it, a rest that rounds up to a whole
+  tile, counts just past a full tile. (The routings share one compiled program.)
+  """
+  num_tokens, tile = 53, 24
+  rng = np.random.default_rng(53)
+  x = rng.normal(size=(num_tokens, D)).astype(np.float32)
+  weights = _expert_weights("float", seed=3)
+  gates = rng.uniform(0.2, 1.0, size=(num_tokens, 1)).astype(np.float32)
+  order = rng.permutation(num_tokens)  # expert 0's tokens are spread over the batch
+  for count in range(num_tokens + 1):
+    indices = np.where(np.arange(num_tokens) < count, 0, 1 + np.arange(num_tokens) % 2)
+    indices = indices[order][:, None].astype(np.int32)                     # [N, 1]
+    sparse = sparse_jit(x, gates, indices, *weights, tile_size=tile)
+    dense = dense_jit(x, gates, indices, *weights)
+    assert helpers.relative_error(sparse, dense) < DENSE_TOLERANCE, count
+
+
+def test_many_experts_most_unchosen_forward_and_gradient():
+  """16 experts, top 2, on 4 tokens (at most 8 experts chosen, most of them by one
+  token): sparse_moe equals the float64 loop, and its gradient equals dense_moe's
+  autodiff, with exactly zero weight gradient for every expert no token chose; on 1
+  token (decode, int8 weights read in place) it equals the loop too.
+
+  Catches a loop over the chosen experts that skips or repeats one, reads another
+  expert's weights (the compacted expert list against the expert index), or writes an
+  expert's weight gradient into another's slot.
+  """
+  num_experts, k = 16, 2
+  rng = np.random.default_rng(16)
+  shapes = ((num_experts, D, F), (num_experts, D, F), (num_experts, F, D))
+  weights = [helpers.random_weight(rng, shape, None, gain=1.5) for shape in shapes]
+
+  def routing(num_tokens):
+    indices = np.argsort(-rng.random((num_tokens, num_experts)), axis=-1)[:, :k]
+    gates = rng.uniform(0.05, 0.6, size=(num_tokens, k)).astype(np.float32)
+    return gates, indices.astype(np.int32)                                 # [N, k] each
+
+  x = rng.normal(size=(4, D)).astype(np.float32)
+  gates, indices = routing(4)
+  cotangent = rng.normal(size=(4, D)).astype(np.float32)
+  out, got = _vjp_program(moe.sparse_moe)(cotangent, x, gates, indices, *weights)
+  _, want = dense_vjp(cotangent, x, gates, indices, *weights)
+  assert helpers.relative_error(out, loop_moe(x, gates, indices, *weights)) < LOOP_TOLERANCE
+  for name, index in (("x", 0), ("gates", 1), ("w_in", 3), ("w_v", 4), ("w_out", 5)):
+    assert helpers.relative_error(got[index], want[index]) < GRAD_TOLERANCE, name
+  chosen = np.zeros(num_experts, bool)
+  chosen[indices.ravel()] = True
+  assert 0 < chosen.sum() < num_experts
+  for name, grad in zip(("w_in", "w_v", "w_out"), got[3:]):
+    grad = np.asarray(grad)
+    assert np.all(grad[~chosen] == 0.0), name
+    assert np.min(np.max(np.abs(grad[chosen]), axis=(1, 2))) > 0.0, name
+
+  int8_weights = [helpers.random_weight(rng, shape, 1, gain=1.5) for shape in shapes]
+  x = rng.normal(size=(1, D)).astype(np.float32)
+  gates, indices = routing(1)
+  decoded = sparse_jit(x, gates, indices, *int8_weights)
+  expected = loop_moe(x, gates, indices, *int8_weights)
+  assert helpers.relative_error(decoded, expected) < LOOP_TOLERANCE
