@@ -54,9 +54,12 @@ def dequantize(w: Weight, dtype=jnp.float32) -> jax.Array:
 
 
 # The chunked matmul (see `matmul`): used on CPU for at most this many rows of
-# x, with chunks of the weight of about CHUNK_BYTES once converted.
+# x, with chunks of the weight of about `chunk_bytes` once converted, by default
+# CHUNK_BYTES. 1 MiB halved decode time against 256 KiB (benchmarks.run --only
+# decode,many-experts: 4.8-5.6 ms against 9.1-9.6 ms a token for BENCH, 1.15-1.26 ms
+# against 1.56-2.34 ms for the many-experts layer's token; 2 and 4 MiB were slower).
 CHUNKED_MAX_ROWS = 32
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 1024 * 1024
 
 
 def _as_index(index) -> tuple:
@@ -66,7 +69,8 @@ def _as_index(index) -> tuple:
   return tuple(index) if isinstance(index, (tuple, list)) else (index,)
 
 
-def matmul(x: jax.Array, w: Weight, *, index=None, expert=None) -> jax.Array:
+def matmul(x: jax.Array, w: Weight, *, index=None, expert=None,
+           chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
   """x [..., K] @ w [K, N] -> [..., N] in x's dtype, dequantizing w inside the computation.
 
   With `index` (a tuple of ints or traced indices i1, i2, ...), w is a stack
@@ -79,30 +83,32 @@ def matmul(x: jax.Array, w: Weight, *, index=None, expert=None) -> jax.Array:
     work (the slice of a stack fuses into that conversion);
   - on CPU, for few rows (decode) of a weight that needs converting (int8, or
     a float dtype other than x's) or is a slice of a stack,
-    `chunked_matmul`: XLA on CPU would write a whole converted (or sliced)
-    copy of w on every call, which costs several times the read of the int8
-    weight itself.
+    `chunked_matmul` (chunks of about `chunk_bytes`): XLA on CPU would write
+    a whole converted (or sliced) copy of w on every call, which costs
+    several times the read of the int8 weight itself.
   """
   index = _as_index(index) + _as_index(expert)
   rows = math.prod(x.shape[:-1])
   in_place = isinstance(w, QuantizedWeight) or w.dtype != x.dtype or bool(index)
   if in_place and rows <= CHUNKED_MAX_ROWS and jax.default_backend() == "cpu":
-    return chunked_matmul(x, w, index=index)
+    return chunked_matmul(x, w, index=index, chunk_bytes=chunk_bytes)
   if index:
     w = take(w, index)
   return jnp.matmul(x, dequantize(w, x.dtype), preferred_element_type=x.dtype)
 
 
-def _chunk_rows(block_rows: int, cols: int, itemsize: int) -> int:
-  """The largest divisor of block_rows whose chunk [rows, cols] converted fits CHUNK_BYTES."""
-  limit = max(1, CHUNK_BYTES // (cols * itemsize))
+def _chunk_rows(block_rows: int, cols: int, itemsize: int, chunk_bytes: int) -> int:
+  """The largest divisor of block_rows whose chunk [rows, cols] converted fits chunk_bytes."""
+  limit = max(1, chunk_bytes // (cols * itemsize))
   return max(d for d in range(1, min(block_rows, limit) + 1) if block_rows % d == 0)
 
 
-def chunked_matmul(x: jax.Array, w: Weight, *, index=None) -> jax.Array:
+def chunked_matmul(x: jax.Array, w: Weight, *, index=None,
+                   chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
   """x [..., K] @ w [K, N] (or w[index] of a stack [I..., K, N]) -> [..., N], by row chunks.
 
-  A `lax.scan` over chunks of c rows of w (c divides the scale row block K/R):
+  A `lax.scan` over chunks of c rows of w (c divides the scale row block K/R,
+  and a chunk converted to x's dtype is at most `chunk_bytes` where it can be):
   each step converts one chunk to x's dtype while it is in cache, multiplies
   the matching c columns of x by it and adds the product [M, N] to a float32
   sum. The scales are applied to the partial products: per scale row block
@@ -127,7 +133,7 @@ def chunked_matmul(x: jax.Array, w: Weight, *, index=None) -> jax.Array:
   scales = None if scales is None else scales.reshape(-1, *scales.shape[len(index):])  # [I, R, N]
   _, rows, cols = weight.shape
   blocks = 1 if scales is None else scales.shape[-2]
-  chunk = _chunk_rows(rows // blocks, cols, jnp.dtype(x.dtype).itemsize)
+  chunk = _chunk_rows(rows // blocks, cols, jnp.dtype(x.dtype).itemsize, chunk_bytes)
   num_chunks, chunks_per_block = rows // chunk, rows // blocks // chunk
   chunks = weight.reshape(weight.shape[0], num_chunks, chunk, cols)           # [I, C, c, N]
   x_chunks = x2.reshape(-1, num_chunks, chunk).transpose(1, 0, 2)             # [C, M, c]

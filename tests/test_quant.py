@@ -41,42 +41,44 @@ def _expected(x, w, expert=None):
     (45, 13, 3, 8),     # 3 blocks of 15 rows; chunks of 5 rows
     (48, 7, 8, 64),     # chunks bigger than a block: one block (6 rows) a chunk
 ])
-def test_chunked_matmul_matches_dequantized_product(monkeypatch, rows, cols, blocks, chunk_rows):
-  monkeypatch.setattr(quant, "CHUNK_BYTES", chunk_rows * cols * 4)
+def test_chunked_matmul_matches_dequantized_product(rows, cols, blocks, chunk_rows):
+  chunk_bytes = chunk_rows * cols * 4
   rng = np.random.default_rng(rows * cols + blocks)
   w = _quantized(rng, (rows, cols), blocks)
   for lead in [(1,), (3,), (2, 1)]:
     x = rng.normal(size=(*lead, rows)).astype(np.float32)
-    got = np.asarray(quant.chunked_matmul(jnp.asarray(x), w))
+    got = np.asarray(quant.chunked_matmul(jnp.asarray(x), w, chunk_bytes=chunk_bytes))
     assert got.shape == (*lead, cols) and got.dtype == np.float32
     assert helpers.relative_error(got, _expected(x, w)) < TOLERANCE
 
 
 @pytest.mark.parametrize("blocks", [1, 8])
-def test_chunked_matmul_reads_one_expert_of_a_stack(monkeypatch, blocks):
+def test_chunked_matmul_reads_one_expert_of_a_stack(blocks):
   """The in-place read of w[e] of a stack [E, K, N], as an int and as a traced index.
   Catches a wrong chunk offset into the stack or scales taken from another expert."""
-  monkeypatch.setattr(quant, "CHUNK_BYTES", 3 * 11 * 4)
+  chunk_bytes = 3 * 11 * 4
   rng = np.random.default_rng(blocks)
   w = _quantized(rng, (5, 24, 11), blocks)                     # [E, K, N]
   x = rng.normal(size=(2, 24)).astype(np.float32)
-  at = jax.jit(lambda x, w, e: quant.matmul(x, w, index=e))
+  at = jax.jit(lambda x, w, e: quant.matmul(x, w, index=e, chunk_bytes=chunk_bytes))
   for expert in (0, 3, 4):
     want = _expected(x, w, expert)
-    assert helpers.relative_error(quant.chunked_matmul(x, w, index=expert), want) < TOLERANCE
+    assert helpers.relative_error(quant.chunked_matmul(x, w, index=expert,
+                                                       chunk_bytes=chunk_bytes), want) < TOLERANCE
     assert helpers.relative_error(at(x, w, jnp.int32(expert)), want) < TOLERANCE
 
 
 @pytest.mark.parametrize("blocks", [1, 8])
-def test_chunked_matmul_reads_one_layer_and_expert_of_a_stack(monkeypatch, blocks):
+def test_chunked_matmul_reads_one_layer_and_expert_of_a_stack(blocks):
   """w[layer, e] of a layer-stacked expert stack [L, E, K, N], read in place by traced
   indices (the decode path inside the model's layer scan): catches a flattened stack
   index that mixes up layers and experts."""
-  monkeypatch.setattr(quant, "CHUNK_BYTES", 3 * 11 * 4)
+  chunk_bytes = 3 * 11 * 4
   rng = np.random.default_rng(10 + blocks)
   w = _quantized(rng, (3, 5, 24, 11), blocks)                  # [L, E, K, N]
   x = rng.normal(size=(2, 24)).astype(np.float32)
-  at = jax.jit(lambda x, w, layer, e: quant.matmul(x, w, index=(layer, e)))
+  at = jax.jit(lambda x, w, layer, e: quant.matmul(x, w, index=(layer, e),
+                                                   chunk_bytes=chunk_bytes))
   for layer, expert in ((0, 4), (2, 1), (1, 3)):
     one_layer = quant.QuantizedWeight(w.weight[layer], w.scales[layer])
     want = _expected(x, one_layer, expert)
@@ -92,14 +94,16 @@ def test_matmul_takes_either_path_with_the_same_result():
     assert helpers.relative_error(got, _expected(x, w, 2)) < TOLERANCE
 
 
-def test_float_weights_of_another_dtype_are_converted_in_chunks(monkeypatch):
-  monkeypatch.setattr(quant, "CHUNK_BYTES", 4 * 9 * 4)
+def test_float_weights_of_another_dtype_are_converted_in_chunks():
+  chunk_bytes = 4 * 9 * 4
   rng = np.random.default_rng(3)
   w = rng.normal(size=(20, 9)).astype(ml_dtypes.bfloat16)
   x = rng.normal(size=(1, 20)).astype(np.float32)
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-  assert helpers.relative_error(quant.chunked_matmul(x, jnp.asarray(w)), want) < TOLERANCE
-  assert helpers.relative_error(quant.matmul(jnp.asarray(x), jnp.asarray(w)), want) < TOLERANCE
+  assert helpers.relative_error(quant.chunked_matmul(x, jnp.asarray(w), chunk_bytes=chunk_bytes),
+                                want) < TOLERANCE
+  assert helpers.relative_error(quant.matmul(jnp.asarray(x), jnp.asarray(w),
+                                             chunk_bytes=chunk_bytes), want) < TOLERANCE
 
 
 @pytest.mark.parametrize("residency", ["bfloat16", "float32"])
