@@ -32,9 +32,10 @@ Steps:
    whichever limit comes first.
 4. **Gradients.** ``jax.value_and_grad`` of the objective through grok_moe's
    forward pass. The MoE's backward pass is ``moe.sparse_moe``'s own custom
-   VJP, which skips unused experts and tiles as the forward pass does (one
-   layer's gradient about 10x faster than JAX differentiating its loops:
-   ``python -m benchmarks.moe_grad``).
+   VJP, which skips unused experts and tiles as the forward pass does (JAX
+   cannot reverse-differentiate the forward pass's loops, whose trip counts
+   are traced; ``python -m benchmarks.moe_grad`` times it against the dense
+   MoE's gradient).
 5. **Evaluation.** Every ``--eval-every`` steps: the mean training loss since
    the last report and the loss on ``--eval-windows`` windows spread evenly
    over the validation split, next to the unigram baseline. At the end, the
