@@ -42,7 +42,7 @@ import numpy as np
 from benchmarks import counts, limits
 from grok_moe import params as param_table
 from grok_moe import moe, quant, sampling, sharded_ops, sharding
-from grok_moe.config import BENCH, GROK_1, ModelConfig
+from grok_moe.config import BENCH, PRESETS, ModelConfig
 from grok_moe.kv_cache import KVCache
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -114,8 +114,13 @@ def _parse_args(argv=None) -> argparse.Namespace:
                       help="Grok-1's widths (emb 6144, 8 experts, FFN 32768, vocab "
                            "131072) with --layers layers, instead of BENCH; meant for a "
                            "GPU, and reports bandwidth and FLOP utilisation")
+  parser.add_argument("--config", choices=sorted(PRESETS), default=None,
+                      help="measure a preset's model (any family: grok-2, mixtral-8x7b, "
+                           "qwen3-30b-a3b, ...) with --layers layers, instead of BENCH; "
+                           "--grok1-width is --config grok-1")
   parser.add_argument("--layers", type=int, default=None,
-                      help="decoder layers (default: BENCH's 4, or 2 with --grok1-width)")
+                      help="decoder layers (default: BENCH's 4, or 2 with --config or "
+                           "--grok1-width)")
   parser.add_argument("--repeats", type=int, default=None,
                       help="timed calls per measurement (default: 20, or 5 with --quick)")
   parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -151,8 +156,12 @@ def _parts(text: str) -> tuple[str, ...]:
 def _settings(args) -> Settings:
   backend = jax.default_backend()
   dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
-  base = GROK_1 if args.grok1_width else BENCH
-  layers = args.layers or (2 if args.grok1_width else BENCH.num_layers)
+  preset = "grok-1" if args.grok1_width else args.config
+  if args.grok1_width and args.config not in (None, "grok-1"):
+    raise SystemExit(f"error: --grok1-width is --config grok-1; drop one of it and "
+                     f"--config {args.config}")
+  base = PRESETS[preset] if preset else BENCH
+  layers = args.layers or (2 if preset else BENCH.num_layers)
   # Room for the longest decode measurement: a cache of 4096 tokens plus new ones.
   config = base.replace(num_layers=layers, sequence_len=8192)
   repeats = args.repeats or (5 if args.quick else 20)
@@ -192,7 +201,8 @@ def random_params(config: ModelConfig, seed: int = 0):
       *batch, fan_in, fan_out = shape
       weight_key, scale_key = jax.random.split(leaf_key)
       weight = jax.random.randint(weight_key, shape, -127, 128, jnp.int8)
-      scales = jax.random.uniform(scale_key, (*batch, spec.row_blocks, fan_out), jnp.float32,
+      blocks = spec.blocks_for_rows(fan_in)
+      scales = jax.random.uniform(scale_key, (*batch, blocks, fan_out), jnp.float32,
                                   0.5, 1.5) / (127 * math.sqrt(fan_in))
       flat[spec.path] = quant.QuantizedWeight(weight, scales.astype(jnp.bfloat16))
   return jax.block_until_ready(param_table.unflatten(flat))
@@ -285,8 +295,8 @@ def measure_decode(params, settings: Settings, length: int, rng, plan=None) -> d
           "cache_bytes_read": counts.cache_bytes_read(config, length, dtype)}
 
 
-_sparse_moe = jax.jit(moe.sparse_moe, static_argnames="tile_size")
-_dense_moe = jax.jit(moe.dense_moe)
+_sparse_moe = jax.jit(moe.sparse_moe, static_argnames=("tile_size", "activation"))
+_dense_moe = jax.jit(moe.dense_moe, static_argnames="activation")
 
 
 def measure_moe(params, settings: Settings, rng, plan=None) -> dict:
@@ -303,22 +313,25 @@ def measure_moe(params, settings: Settings, rng, plan=None) -> dict:
   inputs = []
   for _ in range(3):
     x = jnp.asarray(rng.standard_normal((settings.moe_tokens, config.emb_size), np.float32)).astype(dtype)
-    gates, indices = moe.route(x, router, config.num_selected_experts)
+    gates, indices = moe.route(x, router, config.num_selected_experts,
+                               config.router_renormalize, config.router_logit_cap)
     inputs.append((x, gates, indices, *weights))
   if plan is None:
-    sparse_moe = _sparse_moe
+    sparse_moe = functools.partial(_sparse_moe, activation=config.expert_activation)
   else:  # the model's sharded dispatch, on layer 0 of a one-layer stack
     weights = [plan.place(spec.path, jax.tree.map(lambda a: a[None], w))
                for spec, w in zip(expert_params, weights)]
     inputs = [(*args[:3], *weights) for args in inputs]
     sparse_moe = jax.jit(lambda x, g, i, *w: sharded_ops.sparse_moe(
-        x, g, i, *w, expert_params, plan, layer=jnp.int32(0)))
+        x, g, i, *w, expert_params, plan, layer=jnp.int32(0),
+        activation=config.expert_activation))
   if plan is not None:
     inputs = [(*plan.put(list(args[:3])), *args[3:]) for args in inputs]
   sparse, sparse_times = limits.median_seconds(sparse_moe, inputs, settings.repeats)
   dense_inputs = [(*args[:3], *(jax.tree.map(lambda a: a[0], w) if plan is not None else w
                                 for w in args[3:])) for args in inputs]
-  dense, dense_times = limits.median_seconds(_dense_moe, dense_inputs,
+  dense_moe = functools.partial(_dense_moe, activation=config.expert_activation)
+  dense, dense_times = limits.median_seconds(dense_moe, dense_inputs,
                                              max(3, settings.repeats // 2))
   counts_per_expert = np.bincount(np.asarray(inputs[0][2]).ravel(), minlength=config.num_experts)
   return {"tokens": settings.moe_tokens, "sparse_seconds": sparse, "dense_seconds": dense,
@@ -652,6 +665,8 @@ def _default_json(args, settings: Settings) -> pathlib.Path:
   variant = []
   if args.grok1_width:
     variant.append("grok1-width")
+  elif args.config:
+    variant.append(args.config)
   if settings.residency != "int8":
     variant.append(f"weights-{settings.residency}")
   if args.dtype and args.dtype != ("float32" if jax.default_backend() == "cpu" else "bfloat16"):

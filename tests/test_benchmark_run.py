@@ -11,7 +11,7 @@ import pytest
 from benchmarks import counts
 from benchmarks import run as bench
 from grok_moe import quant
-from grok_moe.config import BENCH, GROK_1, TINY
+from grok_moe.config import BENCH, GROK_1, PRESETS, TINY, TINY_GROK_2
 
 
 def test_counts_by_hand():
@@ -104,3 +104,27 @@ def test_only_measures_the_named_parts(capsys):
     bench._parse_args(["--only", "mo"])
   assert "unknown part mo; known: prefill, decode, moe, many-experts, generate" in (
       capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("preset", ["grok-2", "mixtral-8x7b", "qwen1.5-moe-a2.7b",
+                                    "qwen3-30b-a3b"])
+def test_config_measures_any_familys_preset(preset):
+  """--config NAME measures that preset's widths and switches with --layers layers (2 by
+  default) and names the JSON after it. Catches a benchmark that still only knows Grok-1."""
+  args = bench._parse_args(["--config", preset])
+  settings = bench._settings(args)
+  assert settings.config == PRESETS[preset].replace(num_layers=2, sequence_len=8192)
+  assert bench._default_json(args, settings).name == f"latest-{preset}.json"
+
+
+def test_a_family_model_runs_every_measurement():
+  """The prefill, decode and MoE rows on tiny Grok-2 (dense MLP, exact GELU, router cap,
+  untied output): every tensor of the table is made, and the MoE row runs the family's
+  activation and routing. Catches a measurement that assumes Grok-1's tensors."""
+  settings = bench.Settings(**dict(TINY_SETTINGS, config=TINY_GROK_2.replace(sequence_len=256)),
+                            parts=("prefill", "decode", "moe"))
+  results = bench.run(settings, log=lambda message: None)
+  assert results["counts"]["active_parameters"]["dense_mlp"] == (
+      2 * 3 * TINY_GROK_2.emb_size * TINY_GROK_2.dense_ffn_size)
+  for key, value in results["ratios"].items():
+    assert math.isfinite(value) and value > 0, key
