@@ -67,7 +67,8 @@ _PARTS = {"experts": "experts", "dense mlp": "dense_mlp", "attention": "attentio
 def bytes_per_token(params, config: ModelConfig) -> dict[str, int]:
   """Bytes of weights one decoded token (batch 1) reads, by part, as `params` (the stacked
   tree) hold them: k of the E experts of every layer, everything else whole, plus one
-  embedding row for the input lookup."""
+  embedding row for the input lookup (the embedding table is read whole only when it is
+  also the output projection)."""
   parts = {part: 0 for part in _PARTS.values()}
   flat = param_table.flatten(params)
   for spec in param_table.params_for(config):
@@ -78,7 +79,9 @@ def bytes_per_token(params, config: ModelConfig) -> dict[str, int]:
       parts[part] += _leaf_bytes(leaf, (expert_axis, config.num_selected_experts))
     elif spec is param_table.EMBEDDINGS:
       one_row = config.emb_size * jnp.dtype(leaf.dtype).itemsize
-      parts[part] += _leaf_bytes(leaf) + one_row
+      # tied: the whole table for the logits and one row for the input; untied
+      # (the logits from LM_HEAD): the input row alone
+      parts[part] += (_leaf_bytes(leaf) if config.tie_embeddings else 0) + one_row
     else:
       parts[part] += _leaf_bytes(leaf)
   parts["total"] = sum(parts.values())

@@ -530,7 +530,11 @@ def ratios(results: dict, settings: Settings) -> dict:
   out = {}
   if "prefill" in results:
     prefill = results["prefill"]
-    prefill_flops = 2 * results["counts"]["active_parameters"]["total"] * prefill["tokens"]
+    # Every prompt token goes through the layers; the output projection runs for the
+    # last one only (batch 1: the logits the sampler needs).
+    active = results["counts"]["active_parameters"]
+    prefill_flops = 2 * ((active["total"] - active["output_projection"]) * prefill["tokens"]
+                         + active["output_projection"])
     prefill_limit = prefill_flops / flop_per_s
     out.update({
         "prefill_flop_limit_seconds": prefill_limit,

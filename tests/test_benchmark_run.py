@@ -128,3 +128,14 @@ def test_a_family_model_runs_every_measurement():
       2 * 3 * TINY_GROK_2.emb_size * TINY_GROK_2.dense_ffn_size)
   for key, value in results["ratios"].items():
     assert math.isfinite(value) and value > 0, key
+
+
+def test_an_untied_model_reads_one_embedding_row_and_the_whole_output_projection():
+  """Decode bytes of a model with an lm_head: one row of the input embeddings and the whole
+  lm_head, not both tables whole. Catches a bandwidth limit that charges an untied model
+  (Mixtral, Qwen, Grok-2) for reading its input embeddings on every token."""
+  config = TINY_GROK_2.replace(num_layers=1)
+  params = bench.random_params(config)
+  read = counts.bytes_per_token(params, config)
+  V, D = config.vocab_size, config.emb_size
+  assert read["embeddings"] == 4 * (V * D + D)   # lm_head [V, D] whole + one input row
