@@ -128,6 +128,20 @@ def test_config_json_maps_to_the_config(grok2_dir):
   assert loaded == CONFIG
 
 
+def test_config_json_round_trips_with_every_switch_off():
+  """A Grok-2 config with no dense MLP, no caps and no temperature is written (caps and
+  length off as SGLang's -1, residual_moe false) and read back equal; a rope_base that
+  SGLang's int() would change is refused. Catches an off switch written as 0 (which
+  the reader takes as its default 30) or a dropped field."""
+  config = CONFIG.replace(dense_ffn_size=0, attn_logit_cap=0.0, router_logit_cap=0.0,
+                          final_logit_cap=0.0, attn_temperature_len=0)
+  hf = hf_checkpoint.hf_config(config)
+  assert hf["residual_moe"] is False and hf["attn_logit_softcapping"] == -1
+  assert hf_checkpoint.model_config(hf) == config
+  with pytest.raises(CheckpointError, match=r"closest: grok2, which differs in \['rope_base'\]"):
+    hf_checkpoint.hf_config(config.replace(rope_base=10_000.5))
+
+
 def test_full_size_config_json_gives_the_grok_2_preset():
   """The spec's full-size values give GROK_2 (except the token ids, which the spec leaves
   open), the writer (`hf_config`) gives every value it writes back as the spec has it
