@@ -385,7 +385,8 @@ SAVE_FORMATS = ("release", "safetensors")
 
 def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = False,
                     progress: bool = True, format: str = "release",  # noqa: A002
-                    dtype=None, max_shard_bytes: int = hf_save.MAX_SHARD_BYTES) -> pathlib.Path:
+                    dtype=None, max_shard_bytes: int | None = None,
+                    ranks: int | None = None) -> pathlib.Path:
   """Write `params` to the checkpoint directory `path` in the release format or, with
   format="safetensors", as a Hugging Face checkpoint of the config's family.
 
@@ -393,11 +394,13 @@ def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = Fals
   directory D (or D/ckpt-0). Float weights are quantized to int8 as the
   release did. Safetensors (`grok_moe.hf_save`): config.json in the family's
   Hugging Face form, `model.safetensors` or files of at most
-  `max_shard_bytes` with their index, the hub's per-expert [out, in]
-  tensors; float tensors in their dtype or `dtype`, int8 ones dequantized
-  (float32, or `dtype`); only configs of a Hugging Face family (Mixtral,
-  Qwen2-MoE, Qwen3-MoE), so not Grok-1's. `Model.from_checkpoint` and
-  `hf_checkpoint.load` read either back.
+  `max_shard_bytes` (default 5 GB) with their index, the hub's per-expert
+  [out, in] tensors; Grok-2 in its release's layout instead, the expert
+  tensors split into `ranks` (default 8) `*-TP-RRR` files, the rest in
+  `*-TP-common` files; float tensors in their dtype or `dtype`, int8 ones
+  dequantized (float32, or `dtype`); only configs of a Hugging Face family
+  (Mixtral, Qwen2-MoE, Qwen3-MoE, Grok-2), so not Grok-1's.
+  `Model.from_checkpoint` and `hf_checkpoint.load` read either back.
 
   Files beside the checkpoint, such as tokenizer.model, are left alone.
   Leaves may be float or QuantizedWeight, numpy or jax (sharded too);
@@ -411,10 +414,11 @@ def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = Fals
     raise CheckpointError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
   if format == "safetensors":
     return hf_save.save(params, path, config, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                        overwrite=overwrite, progress=progress)
-  if dtype is not None or max_shard_bytes != hf_save.MAX_SHARD_BYTES:
-    raise CheckpointError("dtype= and max_shard_bytes= apply to format=\"safetensors\"; the "
-                          "release format has its own (int8 weights, one file per tensor)")
+                        ranks=ranks, overwrite=overwrite, progress=progress)
+  if dtype is not None or max_shard_bytes is not None or ranks is not None:
+    raise CheckpointError("dtype=, max_shard_bytes= and ranks= apply to "
+                          "format=\"safetensors\"; the release format has its own (int8 "
+                          "weights, one file per tensor)")
   flat = _params_for_config(params, config)
   root = pathlib.Path(path)
   if root.name == TENSOR_DIR:

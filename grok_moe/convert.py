@@ -7,9 +7,10 @@ SRC is any checkpoint `Model.from_checkpoint` reads: the release format, or a
 Hugging Face directory of a supported family. DST gets the same model in
 FORMAT (`grok_moe.save_checkpoint`): "release" quantizes float weights to int8
 with bfloat16 scales; "safetensors" writes the family's Hugging Face layout
-(Mixtral, Qwen2-MoE and Qwen3-MoE configs only; int8 weights dequantized, to
-float32 unless --dtype). The tokenizer files beside SRC (tokenizer.model,
-tokenizer.json) are copied beside DST where DST has none. The weights are
+(Mixtral, Qwen2-MoE, Qwen3-MoE and Grok-2 configs; int8 weights dequantized, to
+float32 unless --dtype; Grok-2 split into --ranks rank files as its release).
+The tokenizer files beside SRC (tokenizer.model, tokenizer.json,
+tokenizer.tok.json) are copied beside DST where DST has none. The weights are
 loaded on the default device, then written one tensor at a time.
 
 Bad input ends with one line `error: ...` and exit status 2, Ctrl-C with 130;
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--max-shard-bytes", type=int,
                       help=f"safetensors only: the largest file (default: "
                       f"{hf_save.MAX_SHARD_BYTES}, 5 GB)")
+  parser.add_argument("--ranks", type=int,
+                      help=f"safetensors, Grok-2 only: the number of tensor-parallel rank "
+                      f"files the expert tensors are split into (default: {hf_save.RANKS}, as "
+                      "the release)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace a checkpoint already in DST")
   return parser
@@ -81,7 +86,8 @@ def convert(args: argparse.Namespace) -> pathlib.Path:
   else:
     params = checkpoint.load_checkpoint(source, config)
   options = {name: value for name, value in (("dtype", args.dtype),
-                                              ("max_shard_bytes", args.max_shard_bytes))
+                                              ("max_shard_bytes", args.max_shard_bytes),
+                                              ("ranks", args.ranks))
              if value is not None}  # the release format refuses them
   destination = checkpoint.save_checkpoint(params, args.destination, config,
                                            format=args.format, overwrite=args.overwrite,

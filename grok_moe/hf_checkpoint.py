@@ -9,6 +9,8 @@ This module is the adapter at the edge, family by family:
                      Hugging Face name and how its axes map onto ours
                      (Hugging Face keeps Linear weights as [out, in], the table
                      [in, out]; experts are one tensor each, the table stacks them);
+    `hf_config`      ModelConfig -> config.json, the inverse (Grok-2's in its
+                     release's form, with no model_type), for `grok_moe.hf_save`;
     `load`           the stacked params, each layer written into its slot of an
                      array already laid out for its devices; every device's
                      part is read as a slice of the memory-mapped files, so
@@ -292,27 +294,80 @@ def _qwen_hf(config: ModelConfig) -> dict[str, Any]:
               mlp_only_layers=[], use_sliding_window=False, intermediate_size=config.ffn_size)
 
 
+# The release's RoPE fields (the spec, "Config"): "original" is plain RoPE, its table
+# covering original_max_position_embeddings * scaling_factor positions; the YaRN fields
+# are SGLang's inputs, unused by "original".
+GROK2_ROPE_SCALING = 16.0
+_GROK2_ROPE_FIELDS = {"rope_type": "original", "scaling_factor": GROK2_ROPE_SCALING,
+                      "extrapolation_factor": 1.0, "attn_factor": 1.0, "beta_fast": 8,
+                      "beta_slow": 1}
+
+
+def _negative_if_off(value):
+  """The inverse of `_off_if_negative`: an off (0) cap or length is SGLang's -1."""
+  return value if value > 0 else -1
+
+
+def _grok2_hf(config: ModelConfig) -> dict[str, Any]:
+  """The fields `_grok2` reads, from `config`, in the release's spelling: no model_type;
+  the RoPE table sized to cover sequence_len; intermediate_size the dense MLP's, or
+  the experts' where there is none (residual_moe false: the field is then unused);
+  rope_theta an integer where it is one (SGLang takes int() of it)."""
+  theta = int(config.rope_base) if float(config.rope_base).is_integer() else config.rope_base
+  return {
+      "architectures": list(GROK2_ARCHITECTURES), "hidden_size": config.emb_size,
+      "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_q_heads,
+      "num_key_value_heads": config.num_kv_heads, "head_dim": config.key_size,
+      "num_local_experts": config.num_experts,
+      "num_experts_per_tok": config.num_selected_experts,
+      "moe_intermediate_size": config.ffn_size,
+      "intermediate_size": config.dense_ffn_size or config.ffn_size,
+      "residual_moe": config.dense_ffn_size > 0, "vocab_size": config.vocab_size,
+      "max_position_embeddings": config.sequence_len,
+      "original_max_position_embeddings": math.ceil(config.sequence_len / GROK2_ROPE_SCALING),
+      **_GROK2_ROPE_FIELDS, "rope_theta": theta, "rms_norm_eps": config.rms_norm_eps,
+      "embedding_multiplier_scale": config.embedding_multiplier_scale,
+      "output_multiplier_scale": config.output_multiplier_scale,
+      "attn_logit_softcapping": _negative_if_off(config.attn_logit_cap),
+      "router_logit_softcapping": _negative_if_off(config.router_logit_cap),
+      "final_logit_softcapping": _negative_if_off(config.final_logit_cap),
+      "attn_temperature_len": _negative_if_off(config.attn_temperature_len),
+      "tie_word_embeddings": config.tie_embeddings, "pad_token_id": config.pad_token,
+      "bos_token_id": config.bos_token, "eos_token_id": config.eos_token,
+  }
+
+
+def _with_type(family: str, write: Callable[[ModelConfig], dict[str, Any]]):
+  """`write` with the family's model_type and architectures added (the hub's families)."""
+  return lambda config: dict(write(config), model_type=family,
+                             architectures=[ARCHITECTURES[family]])
+
+
 _HF_CONFIGS: dict[str, Callable[[ModelConfig], dict[str, Any]]] = {
-    "mixtral": lambda config: _common_hf(config, "num_local_experts", "intermediate_size"),
-    "qwen2_moe": lambda config: dict(
+    "mixtral": _with_type("mixtral", lambda config: _common_hf(config, "num_local_experts",
+                                                               "intermediate_size")),
+    "qwen2_moe": _with_type("qwen2_moe", lambda config: dict(
         _qwen_hf(config), qkv_bias=config.qkv_bias,
-        shared_expert_intermediate_size=config.shared_expert_ffn_size),
-    "qwen3_moe": lambda config: dict(_qwen_hf(config), attention_bias=config.qkv_bias),
+        shared_expert_intermediate_size=config.shared_expert_ffn_size)),
+    "qwen3_moe": _with_type("qwen3_moe", lambda config: dict(_qwen_hf(config),
+                                                             attention_bias=config.qkv_bias)),
+    "grok2": _grok2_hf,
 }
 
 
 def hf_config(config: ModelConfig) -> dict[str, Any]:
   """config.json (a dict) of the first family, in the order of `_HF_CONFIGS`, whose
   reader (`model_config`) gives back exactly `config`; CheckpointError if none does.
+  `family(hf)` names the family.
 
   Each family's dict is checked by reading it back, so a switch that no family
-  has (Grok's post-norms or multipliers, an attention soft cap, GELU experts
-  where the family has SiLU, a shared expert without its gate) is refused, and
+  has (Grok-1's tied embeddings and tanh GELU, GELU experts where the family
+  has SiLU, a shared expert without its gate) is refused, and
   the error names the fields of the family that came closest.
   """
   closest: tuple[str, list[str]] | None = None
   for family, write in _HF_CONFIGS.items():
-    hf = dict(write(config), model_type=family, architectures=[ARCHITECTURES[family]])
+    hf = write(config)
     try:
       loaded = model_config(hf)
     except CheckpointError as error:

@@ -22,6 +22,16 @@ Algorithm:
      (`checkpoint_dir.staged_save`, published: every file is also reachable
      at the top of the directory, where Hugging Face readers look).
 
+Grok-2 (a family whose `SOURCES` give a `rank_axis`) is saved as its release
+lays it out (docs/GROK2_SPEC.md, "The released checkpoint"; read back by
+`grok_moe.rank_files`): step 2 instead gives each table entry (one tensor kind,
+every layer and expert) a file number NNNNN, in the table's order; a kind that
+is split by rank goes into `pytorch_model-NNNNN-TP-RRR.safetensors`, rank r
+holding the r-th of `ranks` equal slices of each tensor along its `rank_axis`
+(w1/w3 rows, w2 columns: the expert FFN axis), read from the devices as that
+slice only; every other kind is whole in `pytorch_model-NNNNN-TP-common.safetensors`.
+No index file and no size limit: the files' headers say what each holds.
+
 Dtypes: a float tensor keeps its dtype (bfloat16, float16, float32) unless
 `dtype` says otherwise. Safetensors Hugging Face checkpoints are float, so an
 int8 `QuantizedWeight` is dequantized on the way out: to float32 by default,
@@ -43,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from grok_moe import checkpoint_dir, hf_checkpoint, quant
+from grok_moe import checkpoint_dir, hf_checkpoint, quant, rank_files
 from grok_moe import params as param_table
 from grok_moe.config import ModelConfig
 from grok_moe.errors import CheckpointError, ConfigError
@@ -52,6 +62,7 @@ from grok_moe.safetensors_file import write_safetensors
 MAX_SHARD_BYTES = 5 * 10**9  # 5 GB: transformers 4's default, the shard size of the hub's models
 SINGLE_FILE = "model.safetensors"
 DTYPES = ("bfloat16", "float16", "float32")
+RANKS = 8  # Grok-2's release: "This checkpoint is TP=8"
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -69,7 +80,9 @@ def is_checkpoint_file(name: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class HfTensor:
   """One Hugging Face tensor: its name, dtype and shape, and where it lies in the params
-  (`path` of the stacked leaf, `index` of the layer and expert within it)."""
+  (`path` of the stacked leaf, `index` of the layer and expert within it). In files split
+  by rank, `rank_axis` is the axis of the tensor that ranks split, and `split` (axis,
+  start, stop) the slice of it that this file's tensor holds (None: the whole tensor)."""
 
   name: str
   dtype: np.dtype
@@ -77,6 +90,16 @@ class HfTensor:
   path: str
   index: tuple[int, ...]
   transpose: bool
+  rank_axis: int | None = None
+  split: tuple[int, int, int] | None = None
+
+  def rank_slice(self, rank: int, ranks: int) -> "HfTensor":
+    """Rank `rank`'s slice, the `rank`-th of `ranks` equal parts of the rank axis."""
+    axis = self.rank_axis
+    width = self.shape[axis] // ranks
+    shape = (*self.shape[:axis], width, *self.shape[axis + 1:])
+    return dataclasses.replace(self, shape=shape, split=(axis, rank * width,
+                                                         (rank + 1) * width))
 
   @property
   def nbytes(self) -> int:
@@ -114,7 +137,7 @@ def hf_tensors(flat: dict[str, Any], config: ModelConfig, family: str,
       for expert in experts:
         index = tuple(i for i in (layer, expert) if i is not None)
         tensor = HfTensor(source.name.format(layer=layer, expert=expert), out_dtype,
-                          tuple(shape), spec.path, index, source.transpose)
+                          tuple(shape), spec.path, index, source.transpose, source.rank_axis)
         (outside if layer is None else layers[layer]).append(tensor)
   return outside + [tensor for layer in layers for tensor in layer]
 
@@ -136,24 +159,59 @@ def pack(tensors: list[HfTensor], max_shard_bytes: int) -> dict[str, list[HfTens
   return {shard_file_name(i, len(shards)): shard for i, shard in enumerate(shards, start=1)}
 
 
-def _host_slice(array, index: tuple[int, ...]) -> np.ndarray:
-  """array[index] (`index`: leading integers) on the host. From a device array, each
-  device shard that holds part of it gives that part, sliced on its own device (no
-  collective, nothing gathered but the tensor); replicas are read once."""
+def by_rank(tensors: list[HfTensor], ranks: int) -> dict[str, list[HfTensor]]:
+  """Step 2 of the rank-split layout: {file name: its tensors}, file number n for the
+  n-th table entry (kind) of `tensors`; a kind with a rank axis in `ranks` files of
+  one slice each, any other in one common file. CheckpointError unless `ranks` (a
+  positive integer) divides every rank axis."""
+  if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
+    raise CheckpointError(f"ranks must be a positive integer, got {ranks!r}")
+  kinds: dict[str, list[HfTensor]] = {}
+  for tensor in tensors:
+    kinds.setdefault(tensor.path, []).append(tensor)
+  files = {}
+  for number, kind in enumerate(kinds.values(), start=1):
+    first = kind[0]
+    if first.rank_axis is None:
+      files[rank_files.file_name(number, None)] = kind
+      continue
+    size = first.shape[first.rank_axis]
+    if size % ranks:
+      raise CheckpointError(f"ranks={ranks} does not divide the {size} of axis "
+                            f"{first.rank_axis} of {first.name} (the expert FFN size), "
+                            "which the rank files split; pass a divisor of it (the "
+                            f"release has {RANKS})")
+    for rank in range(ranks):
+      files[rank_files.file_name(number, rank)] = [tensor.rank_slice(rank, ranks)
+                                                   for tensor in kind]
+  return files
+
+
+def _host_slice(array, index: tuple) -> np.ndarray:
+  """array[index] on the host (`index`: leading integers, then slices of step 1). From
+  a device array, each device shard that overlaps it gives that overlap, sliced on its
+  own device (no collective, nothing gathered but the slice); replicas are read once."""
   if not isinstance(array, jax.Array):
     return np.asarray(array[index])
-  out = np.empty(array.shape[len(index):], array.dtype)
+  lead = len([i for i in index if isinstance(i, int)])
+  tail = tuple(index[lead:]) + (slice(None),) * (array.ndim - len(index))
+  want = [part.indices(size)[:2] for part, size in zip(tail, array.shape[lead:])]
+  out = np.empty(tuple(hi - lo for lo, hi in want), array.dtype)
   done, filled = set(), 0
   for shard in array.addressable_shards:
-    lead, rest = shard.index[:len(index)], shard.index[len(index):]
-    bounds = tuple(part.indices(size) for part, size in zip(rest, out.shape))
-    holds = all(i in range(size)[part] for part, i, size in zip(lead, index, array.shape))
-    if not holds or bounds in done:
+    holds = all(i in range(size)[part]
+                for part, i, size in zip(shard.index[:lead], index, array.shape))
+    spans = [part.indices(size)[:2] for part, size in zip(shard.index[lead:],
+                                                          array.shape[lead:])]
+    overlap = tuple((max(lo, w_lo), min(hi, w_hi)) for (lo, hi), (w_lo, w_hi)
+                    in zip(spans, want))                        # shards tile: equal or apart
+    if not holds or any(lo >= hi for lo, hi in overlap) or overlap in done:
       continue
-    local = tuple(i - (part.start or 0) for part, i in zip(lead, index))
+    local = tuple(i - (part.start or 0) for part, i in zip(shard.index[:lead], index))
+    local += tuple(slice(lo - start, hi - start) for (lo, hi), (start, _) in zip(overlap, spans))
     piece = np.asarray(shard.data[local])
-    out[rest] = piece
-    done.add(bounds)
+    out[tuple(slice(lo - w_lo, hi - w_lo) for (lo, hi), (w_lo, _) in zip(overlap, want))] = piece
+    done.add(overlap)
     filled += piece.size
   if filled != out.size:
     raise CheckpointError("a parameter is spread over several processes; save from params "
@@ -172,9 +230,20 @@ def _converted(tensor, dtype, transpose: bool):
 
 def _fetch(leaf, tensor: HfTensor) -> np.ndarray:
   """Step 3 for one tensor: its slice of the stacked leaf copied to the host from the
-  devices that hold it, then dequantized, cast and transposed (on the default device)."""
-  part = jax.tree.map(lambda array: _host_slice(array, tensor.index), leaf)
-  return np.asarray(_converted(part, tensor.dtype, tensor.transpose))
+  devices that hold it, then dequantized, cast and transposed (on the default device).
+  A rank's slice of a float leaf is cut before the copy; of an int8 one (whose scales
+  follow other blocks) after dequantizing."""
+  if tensor.split is None:
+    part = jax.tree.map(lambda array: _host_slice(array, tensor.index), leaf)
+    return np.asarray(_converted(part, tensor.dtype, tensor.transpose))
+  axis, start, stop = tensor.split
+  ndim = len(tensor.shape)
+  if isinstance(leaf, quant.QuantizedWeight):
+    whole = _fetch(leaf, dataclasses.replace(tensor, split=None))
+    return whole[(slice(None),) * axis + (slice(start, stop),)]
+  table_axis = (2 * ndim - 3 - axis) if tensor.transpose and axis >= ndim - 2 else axis
+  index = tensor.index + (slice(None),) * table_axis + (slice(start, stop),)
+  return np.asarray(_converted(_host_slice(leaf, index), tensor.dtype, tensor.transpose))
 
 
 def _stacked(params, config: ModelConfig) -> dict[str, Any]:
@@ -196,12 +265,16 @@ def existing_checkpoint(root: pathlib.Path) -> list[str]:
                 if is_checkpoint_file(name) or name == checkpoint_dir.TENSOR_DIR)
 
 
-def save(params, path, config: ModelConfig, *, dtype=None,
-         max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False,
+def save(params, path, config: ModelConfig, *, dtype=None, max_shard_bytes: int | None = None,
+         ranks: int | None = None, overwrite: bool = False,
          progress: bool = True) -> pathlib.Path:
   """Write `params` to the directory `path` as a Hugging Face checkpoint of the config's
   family (see the module docstring); refused if it holds a checkpoint, unless
   `overwrite`. Returns the directory.
+
+  `max_shard_bytes` (default MAX_SHARD_BYTES) sizes the files of the hub's
+  families; `ranks` (default RANKS) is the number of rank files of Grok-2's
+  layout. Each is refused where the other layout applies.
 
   Files beside the checkpoint (tokenizer.json, ...) are left alone; a previous
   checkpoint's files that the new one lacks (other shards, an index) are removed.
@@ -213,14 +286,27 @@ def save(params, path, config: ModelConfig, *, dtype=None,
   if not known:
     raise CheckpointError(f"dtype must be one of {DTYPES} (or None: as the params hold "
                           f"them), got {dtype!r}")
-  if (not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool)
-      or max_shard_bytes < 1):
+  if max_shard_bytes is not None and (not isinstance(max_shard_bytes, int)
+                                      or isinstance(max_shard_bytes, bool)
+                                      or max_shard_bytes < 1):
     raise CheckpointError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
   hf = hf_checkpoint.hf_config(config)
+  family = hf_checkpoint.family(hf)
+  rank_split = any(source.rank_axis is not None
+                   for source in hf_checkpoint.SOURCES[family].values())
+  if rank_split and max_shard_bytes is not None:
+    raise CheckpointError(f"max_shard_bytes= does not apply to {family}: its release layout "
+                          "has one file per tensor kind and rank; pass ranks= instead")
+  if not rank_split and ranks is not None:
+    raise CheckpointError(f"ranks= applies to Grok-2's rank-split layout; {family} "
+                          "checkpoints keep whole tensors (pass max_shard_bytes= instead)")
   flat = _stacked(params, config)
-  tensors = hf_tensors(flat, config, hf["model_type"], dtype)
+  tensors = hf_tensors(flat, config, family, dtype)
   hf["torch_dtype"] = tensors[0].dtype.name  # the embeddings'
-  files = pack(tensors, max_shard_bytes)
+  if rank_split:
+    files = by_rank(tensors, RANKS if ranks is None else ranks)
+  else:
+    files = pack(tensors, MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
   root = pathlib.Path(path)
   if root.name == checkpoint_dir.TENSOR_DIR:  # D/ckpt-0 of an earlier save: D, as the release's
     root = root.parent
@@ -230,8 +316,8 @@ def save(params, path, config: ModelConfig, *, dtype=None,
   if present and not overwrite:
     raise CheckpointError(f"{root} already holds a checkpoint ({', '.join(present[:3])}); "
                           "pass overwrite=True to replace it, or choose another directory.")
-  bar = tqdm.tqdm(total=sum(tensor.nbytes for tensor in tensors), unit="B", unit_scale=True,
-                  unit_divisor=1024, desc=f"saving {root}", file=sys.stderr,
+  bar = tqdm.tqdm(total=sum(t.nbytes for shard in files.values() for t in shard), unit="B",
+                  unit_scale=True, unit_divisor=1024, desc=f"saving {root}", file=sys.stderr,
                   disable=not progress)
   config_json = json.dumps(hf, indent=2, sort_keys=True) + "\n"
   with bar, checkpoint_dir.staged_save(root, config_json,
@@ -246,7 +332,7 @@ def save(params, path, config: ModelConfig, *, dtype=None,
         return array
 
       write_safetensors(version / file_name, [(t.name, t.dtype, t.shape) for t in shard], read)
-    if len(files) > 1:
+    if len(files) > 1 and not rank_split:
       _write_index(version, files)
   return root
 

@@ -14,6 +14,8 @@ as a slice of its memory-mapped file (only the pages it covers) and the
 pieces are joined in rank order. A device whose shard lies within one rank's
 slice reads one file; the whole tensor is never assembled unless asked for.
 
+`file_name` gives the release's file names, for writing them (`grok_moe.hf_save`).
+
 Refused with a CheckpointError naming the file: a rank file missing (a
 prefix whose other ranks are present, or ranks that cover too little of the
 tensor), rank slices of the wrong shape or of differing dtypes, a tensor of
@@ -33,6 +35,13 @@ from grok_moe.safetensors_file import SafetensorsFile
 
 FLOAT_DTYPES = tuple(np.dtype(t) for t in ("<f2", "<f4", "<f8", ml_dtypes.bfloat16))
 _FILE_NAME = re.compile(r"^(?P<prefix>.+)-TP-(?P<rank>\d{3}|common)\.safetensors$")
+PREFIX = "pytorch_model"  # the release's: pytorch_model-NNNNN-TP-RRR.safetensors
+
+
+def file_name(number: int, rank: int | None) -> str:
+  """The release's name of file `number` (from 1): rank `rank`'s, or the common file
+  (rank None)."""
+  return f"{PREFIX}-{number:05d}-TP-{'common' if rank is None else f'{rank:03d}'}.safetensors"
 
 
 def is_rank_split(root) -> bool:

@@ -1,8 +1,10 @@
 """Grok-2's released layout (docs/GROK2_SPEC.md, "The released checkpoint"): its config.json,
 its weights split by tensor-parallel rank, and its tokenizer.tok.json.
 
-No Grok-2 checkpoint is committed: `write_grok2_checkpoint` writes random params
-(`params.init_params`) in the release's layout into a temporary directory. Its
+No Grok-2 checkpoint is committed: `write_grok2_checkpoint` saves random params
+(`params.init_params`) in the release's layout into a temporary directory with the
+package's own writer (`save_checkpoint(..., format="safetensors")`), so the tests
+check saving and loading together, and each file's layout against the spec. Its
 config is TINY_GROK_2 with 8 query heads (so 2, 4 and 8 devices split the heads),
 an expert FFN of 24 (so 2, 3, 4 and 8 ranks and devices split it) and a
 vocabulary of 263 (Grok-2's tokenizer has all 256 bytes). Weights are float32, so
@@ -25,11 +27,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from grok_moe import hf_checkpoint, model, quant, rank_files, sharding
+from grok_moe import checkpoint, convert, hf_checkpoint, model, quant, rank_files, sharding
 from grok_moe import params as param_table
 from grok_moe.config import GROK_2, TINY_GROK_2, ModelConfig
 from grok_moe.errors import CheckpointError, TokenizerError
-from grok_moe.safetensors_file import SafetensorsFile
+from grok_moe.safetensors_file import SafetensorsFile, write_safetensors
 from grok_moe.tokenizer import TiktokenTokenizer, open_tokenizer
 
 CONFIG = TINY_GROK_2.replace(num_q_heads=8, expert_ffn_size=24, vocab_size=263,
@@ -40,64 +42,21 @@ SPECIAL_TOKENS = ("<|pad|>", "<|separator|>", "<|eos|>")  # ids 0, 1, 2: EOS is 
 
 # --- The fixture: a tiny checkpoint in Grok-2's layout. ---
 
-_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16",
-              np.dtype(np.int32): "I32"}
-
-
-def write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
-  """A safetensors file: 8-byte header length, the JSON header, the tensors' bytes."""
-  header, offset = {}, 0
-  for name, array in tensors.items():
-    header[name] = {"dtype": _ST_DTYPES[array.dtype], "shape": list(array.shape),
-                    "data_offsets": [offset, offset + array.nbytes]}
-    offset += array.nbytes
-  text = json.dumps(header).encode()
-  with open(path, "wb") as file:
-    file.write(len(text).to_bytes(8, "little") + text)
-    for array in tensors.values():
-      file.write(np.ascontiguousarray(array).tobytes())
-
-
-def grok2_config_json(config: ModelConfig) -> dict:
-  """config.json in Grok-2's form (the spec's config table), for `config`; no model_type,
-  pad/bos/eos ids (the release's are not known: the defaults must serve)."""
-  return {
-      "architectures": ["Grok1ForCausalLM"], "hidden_size": config.emb_size,
-      "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_q_heads,
-      "num_key_value_heads": config.num_kv_heads, "head_dim": config.key_size,
-      "num_local_experts": config.num_experts,
-      "num_experts_per_tok": config.num_selected_experts,
-      "moe_intermediate_size": config.ffn_size, "intermediate_size": config.dense_ffn_size,
-      "residual_moe": config.dense_ffn_size > 0, "vocab_size": config.vocab_size,
-      "max_position_embeddings": config.sequence_len, "rms_norm_eps": config.rms_norm_eps,
-      "embedding_multiplier_scale": config.embedding_multiplier_scale,
-      "output_multiplier_scale": config.output_multiplier_scale,
-      "attn_logit_softcapping": config.attn_logit_cap,
-      "router_logit_softcapping": config.router_logit_cap,
-      "final_logit_softcapping": config.final_logit_cap,
-      "attn_temperature_len": config.attn_temperature_len, "rope_theta": config.rope_base,
-      "rope_type": "original", "original_max_position_embeddings": config.sequence_len // 16,
-      "scaling_factor": 16.0, "extrapolation_factor": 1.0, "attn_factor": 1.0,
-      "beta_fast": 8, "beta_slow": 1, "torch_dtype": "bfloat16",
-      "sliding_window_size": -1, "global_attn_every_n": 1,
-  }
-
-
-def grok2_tensors(params, config: ModelConfig):
-  """{Hugging Face name: (array [out, in], rank_axis)}: the stacked params unstacked,
-  per layer and per expert, through the loader's own name map."""
-  flat = param_table.flatten(params)
-  out = {}
-  for spec in param_table.params_for(config):
-    source = hf_checkpoint.SOURCES["grok2"][spec.name]
-    leaf = np.asarray(flat[spec.path])
-    for layer in range(config.num_layers) if spec.per_layer else [None]:
-      tensor = leaf[layer] if spec.per_layer else leaf
-      for expert in range(config.num_experts) if source.per_expert else [None]:
-        one = tensor[expert] if source.per_expert else tensor
-        one = one.swapaxes(-1, -2) if source.transpose else one
-        out[source.name.format(layer=layer, expert=expert)] = (one, source.rank_axis)
-  return out
+# The spec's config table at full size, as the release's config.json has it (no token ids).
+SPEC_CONFIG_JSON = {
+    "architectures": ["Grok1ForCausalLM"], "hidden_size": 8192, "num_hidden_layers": 64,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16384,
+    "intermediate_size": 32768, "residual_moe": True, "vocab_size": 131072,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    "embedding_multiplier_scale": 90.50966799187809, "output_multiplier_scale": 0.5,
+    "attn_logit_softcapping": 30.0, "router_logit_softcapping": 30.0,
+    "final_logit_softcapping": 50, "attn_temperature_len": 1024, "rope_theta": 208533496,
+    "rope_type": "original", "original_max_position_embeddings": 8192,
+    "scaling_factor": 16.0, "extrapolation_factor": 1.0, "attn_factor": 1.0, "beta_fast": 8,
+    "beta_slow": 1, "torch_dtype": "bfloat16", "sliding_window_size": -1,
+    "global_attn_every_n": 1,
+}
 
 
 def grok2_tokenizer_json(merges=("ab", "abc", " t")) -> dict:
@@ -111,33 +70,22 @@ def grok2_tokenizer_json(merges=("ab", "abc", " t")) -> dict:
 
 def write_grok2_checkpoint(directory, config: ModelConfig = CONFIG, seed: int = SEED, *,
                            ranks: int = 8, dtype=np.float32):
-  """Writes random params in Grok-2's layout; returns them (float32, stacked).
-
-  Like the release (spec, "Files"), each file number holds one tensor kind: the
-  rank-split expert kinds as PREFIX-TP-000 .. TP-{ranks-1} (rank r holding slice r
-  of the split axis), the rest whole in PREFIX-TP-common files.
-  """
+  """Saves random params in Grok-2's layout with the package's writer (`save_checkpoint`,
+  format="safetensors": the expert kinds in `ranks` rank files, the rest in common
+  files), and a tokenizer.tok.json beside them; returns the params (float32, stacked)."""
   directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
   params = param_table.init_params(config, seed)
-  kinds: dict[str, dict[str, tuple[np.ndarray, int | None]]] = {}
-  for name, (array, axis) in grok2_tensors(params, config).items():
-    kind = re.sub(r"\.\d+\.", ".N.", name)  # one file number per kind, all layers
-    kinds.setdefault(kind, {})[name] = (array.astype(dtype), axis)
-  for number, tensors in enumerate(kinds.values(), start=1):
-    prefix = directory / f"pytorch_model-{number:05d}"
-    axis = next(iter(tensors.values()))[1]
-    if axis is None:
-      write_safetensors(pathlib.Path(f"{prefix}-TP-common.safetensors"),
-                        {name: array for name, (array, _) in tensors.items()})
-      continue
-    for rank in range(ranks):
-      write_safetensors(pathlib.Path(f"{prefix}-TP-{rank:03d}.safetensors"), {
-          name: np.array_split(array, ranks, axis=axis)[rank]
-          for name, (array, _) in tensors.items()})
-  (directory / "config.json").write_text(json.dumps(grok2_config_json(config)))
+  checkpoint.save_checkpoint(params, directory, config, format="safetensors", ranks=ranks,
+                             dtype=dtype, progress=False)
   (directory / "tokenizer.tok.json").write_text(json.dumps(grok2_tokenizer_json()))
   return params
+
+
+def rewrite_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
+  """Replace the file `path` by one holding `tensors`, with the package's writer."""
+  path.unlink(missing_ok=True)
+  write_safetensors(path, [(name, array.dtype, array.shape) for name, array in tensors.items()],
+                    tensors.__getitem__)
 
 
 @pytest.fixture(scope="module")
@@ -180,13 +128,33 @@ def test_config_json_maps_to_the_config(grok2_dir):
   assert loaded == CONFIG
 
 
+def test_config_json_round_trips_with_every_switch_off():
+  """A Grok-2 config with no dense MLP, no caps and no temperature is written (caps and
+  length off as SGLang's -1, residual_moe false) and read back equal; a rope_base that
+  SGLang's int() would change is refused. Catches an off switch written as 0 (which
+  the reader takes as its default 30) or a dropped field."""
+  config = CONFIG.replace(dense_ffn_size=0, attn_logit_cap=0.0, router_logit_cap=0.0,
+                          final_logit_cap=0.0, attn_temperature_len=0)
+  hf = hf_checkpoint.hf_config(config)
+  assert hf["residual_moe"] is False and hf["attn_logit_softcapping"] == -1
+  assert hf_checkpoint.model_config(hf) == config
+  with pytest.raises(CheckpointError, match=r"closest: grok2, which differs in \['rope_base'\]"):
+    hf_checkpoint.hf_config(config.replace(rope_base=10_000.5))
+
+
 def test_full_size_config_json_gives_the_grok_2_preset():
   """The spec's full-size values give GROK_2 (except the token ids, which the spec leaves
-  open), and the rope_type / residual_moe rules hold: residual_moe false drops the dense
+  open), the writer (`hf_config`) gives every value it writes back as the spec has it
+  (catches a field saved in another spelling than the release's), and the rope_type /
+  residual_moe rules hold: residual_moe false drops the dense
   MLP though intermediate_size is set; an absent rope_type is plain RoPE too."""
-  hf = grok2_config_json(GROK_2)
+  hf = SPEC_CONFIG_JSON
   config = hf_checkpoint.model_config(hf)
   assert config == GROK_2.replace(bos_token=2, eos_token=2, pad_token=0)
+  written = hf_checkpoint.hf_config(config)  # the writer gives the release's values back
+  assert {k: written[k] for k in written if k in hf} == {k: hf[k] for k in written if k in hf}
+  assert set(hf) - set(written) == {"torch_dtype", "sliding_window_size",  # (hf_save: dtype)
+                                    "global_attn_every_n"}                # (not read)
   assert hf_checkpoint.model_config({**hf, "residual_moe": False}).dense_ffn_size == 0
   without_rope = {k: v for k, v in hf.items() if k != "rope_type"}
   assert hf_checkpoint.model_config(without_rope).rope_base == GROK_2.rope_base
@@ -198,8 +166,8 @@ def test_rope_types_other_than_original_are_refused(rope_type):
   a config (rope_type, as SGLang reads it, or a Hugging Face rope_scaling) is refused by
   name, not run with plain RoPE."""
   with pytest.raises(CheckpointError, match=f"rope_type '{rope_type}' is not supported"):
-    hf_checkpoint.model_config({**grok2_config_json(CONFIG), "rope_type": rope_type})
-  hf = {k: v for k, v in grok2_config_json(CONFIG).items() if k != "rope_type"}
+    hf_checkpoint.model_config({**hf_checkpoint.hf_config(CONFIG), "rope_type": rope_type})
+  hf = {k: v for k, v in hf_checkpoint.hf_config(CONFIG).items() if k != "rope_type"}
   with pytest.raises(CheckpointError, match=f"rope_type .*'{rope_type}'.* is not supported"):
     hf_checkpoint.model_config({**hf, "rope_scaling": {"rope_type": rope_type, "factor": 16}})
 
@@ -207,7 +175,7 @@ def test_rope_types_other_than_original_are_refused(rope_type):
 def test_grok_1_in_sglang_layout_is_refused_by_name():
   """Grok1ForCausalLM without any Grok-2 field (Grok-1 as SGLang saves it) is not taken
   for Grok-2."""
-  hf = {k: v for k, v in grok2_config_json(CONFIG).items()
+  hf = {k: v for k, v in hf_checkpoint.hf_config(CONFIG).items()
         if k not in hf_checkpoint._GROK2_FIELDS}  # pylint: disable=protected-access
   with pytest.raises(CheckpointError, match="Grok-1 in SGLang's layout"):
     hf_checkpoint.model_config(hf)
@@ -324,8 +292,10 @@ def test_other_rank_counts_load(tmp_path, ranks, mesh_shape):
 
 
 def test_the_tiny_grok_2_preset_loads_from_two_ranks(tmp_path):
-  """TINY_GROK_2 itself (expert FFN 18: 9 rows per rank) round-trips through two rank files."""
-  config = TINY_GROK_2.replace(vocab_size=263)
+  """TINY_GROK_2 itself (expert FFN 18: 9 rows per rank) round-trips through two rank files
+  (its widening_factor set as config.json gives it, expert FFN / emb_size: the preset
+  keeps TINY's, which a save refuses as not round-tripping)."""
+  config = TINY_GROK_2.replace(vocab_size=263, widening_factor=18 / TINY_GROK_2.emb_size)
   source = write_grok2_checkpoint(tmp_path, config, ranks=2)
   loaded_config, params = hf_checkpoint.load(tmp_path)
   assert loaded_config.ffn_size == 18 and loaded_config.dense_ffn_size == 22
@@ -335,14 +305,193 @@ def test_the_tiny_grok_2_preset_loads_from_two_ranks(tmp_path):
 def test_a_merged_bfloat16_checkpoint_loads(tmp_path):
   """Grok-2 with the rank slices joined into one model.safetensors (as republished
   merges store it), in bfloat16, loads through the ordinary one-file reader. Catches
-  bfloat16 refused as "not a float tensor" (numpy does not count it as floating)."""
+  bfloat16 refused as "not a float tensor" (numpy does not count it as floating).
+  The merge: a one-rank save (every tensor whole), its files' tensors in one file."""
   config = CONFIG.replace(num_layers=1)
-  source = param_table.init_params(config, SEED)
-  write_safetensors(tmp_path / "model.safetensors", {
-      name: array.astype(ml_dtypes.bfloat16)
-      for name, (array, _) in grok2_tensors(source, config).items()})
-  (tmp_path / "config.json").write_text(json.dumps(grok2_config_json(config)))
-  _, params = hf_checkpoint.load(tmp_path)
+  source = write_grok2_checkpoint(tmp_path / "ranked", config, ranks=1,
+                                  dtype=ml_dtypes.bfloat16)
+  files = [SafetensorsFile(path) for path in sorted((tmp_path / "ranked").glob("*-TP-*"))]
+  merged = {name: np.asarray(file.view(name)) for file in files for name in file.names()}
+  (tmp_path / "merged").mkdir()
+  rewrite_safetensors(tmp_path / "merged" / "model.safetensors", merged)
+  (tmp_path / "merged" / "config.json").write_bytes((tmp_path / "ranked" / "config.json")
+                                                    .read_bytes())
+  _, params = hf_checkpoint.load(tmp_path / "merged")
+  _assert_params_equal(params, source, np.dtype(ml_dtypes.bfloat16))
+
+
+# --- Saving in the release's layout. ---
+
+def test_save_writes_the_releases_files_names_and_shapes(grok2_dir):
+  """The saved directory (8 ranks) is the spec's layout: files pytorch_model-NNNNN-TP-RRR /
+  TP-common numbered 1..n, one tensor kind per number; the expert kinds in TP-000 .. 007
+  only, rank r holding rows (w1, w3) or columns (w2) r*3 .. r*3+3 of the source's [out,
+  in] tensor; every other tensor whole in a common file with the spec's name and [out,
+  in] shape; no index; config.json without model_type. Catches a wrong file name, split
+  axis, slice order, name or transpose, and an expert tensor left whole."""
+  directory, source = grok2_dir
+  flat = {path: np.asarray(leaf) for path, leaf in param_table.flatten(source).items()}
+  D, V, Fd, E = CONFIG.emb_size, CONFIG.vocab_size, CONFIG.dense_ffn_size, CONFIG.num_experts
+  width = CONFIG.ffn_size // 8                                 # 3 rows (or columns) a rank
+  Q, KV = CONFIG.num_q_heads * CONFIG.key_size, CONFIG.num_kv_heads * CONFIG.key_size
+  whole = {"model.embed_tokens.weight": (V, D), "lm_head.weight": (V, D),
+           "model.norm.weight": (D,)}
+  per_layer = {"pre_attn_norm.weight": (D,), "post_attn_norm.weight": (D,),
+               "pre_moe_norm.weight": (D,), "post_moe_norm.weight": (D,),
+               "self_attn.q_proj.weight": (Q, D), "self_attn.k_proj.weight": (KV, D),
+               "self_attn.v_proj.weight": (KV, D), "self_attn.o_proj.weight": (D, Q),
+               "mlp.gate_proj.weight": (Fd, D), "mlp.up_proj.weight": (Fd, D),
+               "mlp.down_proj.weight": (D, Fd), "block_sparse_moe.gate.weight": (E, D)}
+  for layer in range(CONFIG.num_layers):
+    whole.update({f"model.layers.{layer}.{name}": shape for name, shape in per_layer.items()})
+  experts = {"w1": (param_table.EXPERT_IN.path, 0), "w3": (param_table.EXPERT_GATE.path, 0),
+             "w2": (param_table.EXPERT_OUT.path, 1)}  # table entry, the axis ranks split
+  names = sorted(path.name for path in directory.glob("*.safetensors"))
+  pattern = re.compile(r"pytorch_model-(\d{5})-TP-(\d{3}|common)\.safetensors")
+  assert all(pattern.fullmatch(name) for name in names), names
+  numbers = sorted({int(pattern.fullmatch(name)[1]) for name in names})
+  assert numbers == list(range(1, len(numbers) + 1))
+  common, ranked = {}, {}
+  for name in names:
+    number, rank = pattern.fullmatch(name).groups()
+    file = SafetensorsFile(directory / name)
+    kinds = {re.sub(r"\.\d+\.", ".N.", tensor) for tensor in file.names()}
+    assert len(kinds) == 1, (name, kinds)                      # one kind per file number
+    for tensor in file.names():
+      if rank == "common":
+        common[tensor] = file.shape(tensor)
+        continue
+      match = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\."
+                           r"(w[123])\.weight", tensor)
+      assert match, (name, tensor)
+      layer, expert, kind = int(match[1]), int(match[2]), match[3]
+      path, axis = experts[kind]
+      full = flat[path][layer, expert].T                       # [out, in]
+      r = int(rank)
+      cut = slice(r * width, (r + 1) * width)
+      want = full[cut] if axis == 0 else full[:, cut]
+      np.testing.assert_array_equal(file.view(tensor), want, f"{name} {tensor}")
+      ranked.setdefault(tensor, set()).add(r)
+  assert common == whole
+  assert len(ranked) == CONFIG.num_layers * E * 3
+  assert all(ranks == set(range(8)) for ranks in ranked.values())
+  assert len(names) == len(numbers) - 3 + 3 * 8                # 3 expert kinds x 8 ranks
+  hf = json.loads((directory / "config.json").read_text())
+  assert "model_type" not in hf and hf["torch_dtype"] == "float32"
+  assert not (directory / hf_checkpoint.INDEX_FILE).exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_save_and_load_round_trip_bit_exact(tmp_path, dtype):
+  """Params held in float32 or bfloat16, saved in 4 ranks (dtype as held), load back bit
+  for bit in that dtype with an equal config. Catches a cast on the way out or in, and
+  a config.json field that does not round-trip."""
+  source = jax.tree.map(lambda leaf: np.asarray(leaf).astype(dtype),
+                        param_table.init_params(CONFIG, SEED))
+  checkpoint.save_checkpoint(source, tmp_path, CONFIG, format="safetensors", ranks=4,
+                             progress=False)
+  assert rank_files.RankFiles(tmp_path).num_ranks == 4
+  config, params = hf_checkpoint.load(tmp_path)
+  assert config == CONFIG
+  _assert_params_equal(params, source, np.dtype(dtype))
+
+
+def test_params_sharded_on_a_mesh_save_as_on_one_device(grok2_dir, tmp_path):
+  """Params loaded into a 1x8 mesh's shards (8 slices of 3 along the expert FFN axis)
+  save in 3 ranks of 8 (each rank's slice straddles devices) to the source exactly.
+  Catches a rank slice read from the wrong devices or the wrong part of a shard."""
+  directory, source = grok2_dir
+  plan = sharding.ShardingPlan(CONFIG, sharding.make_mesh(1, 8), "tensor")
+  _, params = hf_checkpoint.load(directory, sharding=plan)
+  checkpoint.save_checkpoint(params, tmp_path, CONFIG, format="safetensors", ranks=3,
+                             progress=False)
+  _, loaded = hf_checkpoint.load(tmp_path)
+  _assert_params_equal(loaded, source)
+
+
+def test_int8_params_save_dequantized_and_split_by_rank(tmp_path):
+  """int8 params (numpy, every quantized matrix in the table's row blocks) save in 3
+  ranks as their dequantized float32 values, each rank's slice cut after dequantizing.
+  Catches a slice cut before the scales apply (the scales follow row blocks, not
+  ranks)."""
+  config = CONFIG.replace(num_layers=1)
+  flat = param_table.flatten(param_table.init_params(config, SEED))
+  for spec in param_table.params_for(config):
+    if spec.quantized:
+      rows = flat[spec.path].shape[-2]
+      flat[spec.path] = quant.quantize(flat[spec.path], row_blocks=spec.blocks_for_rows(rows))
+  checkpoint.save_checkpoint(param_table.unflatten(flat), tmp_path, config,
+                             format="safetensors", ranks=3, progress=False)
+  _, loaded = hf_checkpoint.load(tmp_path)
+  want = {path: (leaf.weight * leaf.scales.astype(np.float32).repeat(                # [..., K, N]
+              leaf.weight.shape[-2] // leaf.scales.shape[-2], axis=-2)
+                 if isinstance(leaf, quant.QuantizedWeight) else leaf)
+          for path, leaf in flat.items()}
+  _assert_params_equal(loaded, param_table.unflatten(want))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(ranks=5), "ranks=5 does not divide the 24 of axis 0 of .*w1.weight"),
+    (dict(ranks=0), "ranks must be a positive integer, got 0"),
+    (dict(max_shard_bytes=4096), "max_shard_bytes= does not apply to grok2"),
+])
+def test_a_rank_count_that_does_not_split_is_refused_before_writing(tmp_path, options, message):
+  """ranks that do not divide the expert FFN size (24), a rank count below 1 and a shard
+  size (the release has one file per kind and rank) are one-line CheckpointErrors, and
+  nothing is written. Catches unequal rank slices, which no reader can join."""
+  params = param_table.init_params(CONFIG.replace(num_layers=1), SEED)
+  with pytest.raises(CheckpointError, match=message):
+    checkpoint.save_checkpoint(params, tmp_path / "out", CONFIG.replace(num_layers=1),
+                               format="safetensors", progress=False, **options)
+  assert not (tmp_path / "out").exists()
+
+
+def test_ranks_apply_only_to_grok_2_safetensors(tmp_path):
+  """ranks= with the release format, or for a family saved whole (Mixtral), is refused
+  by name rather than ignored."""
+  params = param_table.init_params(CONFIG.replace(num_layers=1), SEED)
+  with pytest.raises(CheckpointError, match="apply to format=\"safetensors\""):
+    checkpoint.save_checkpoint(params, tmp_path / "release", CONFIG.replace(num_layers=1),
+                               ranks=2)
+  mixtral = hf_checkpoint.model_config(hf_checkpoint.read_hf_config(
+      pathlib.Path(__file__).parent / "data" / "families" / "mixtral"))
+  with pytest.raises(CheckpointError, match="ranks= applies to Grok-2's rank-split layout"):
+    checkpoint.save_checkpoint(param_table.init_params(mixtral, SEED), tmp_path / "mixtral",
+                               mixtral, format="safetensors", ranks=2, progress=False)
+
+
+def test_a_save_over_more_ranks_leaves_no_stale_rank_files(tmp_path):
+  """Saving 2 ranks over an 8-rank save (overwrite=True) removes TP-002 .. TP-007, so the
+  directory loads as 2 ranks. Catches the old save's rank files left to be read."""
+  config = CONFIG.replace(num_layers=1)
+  params = param_table.init_params(config, SEED)
+  for ranks in (8, 2):
+    checkpoint.save_checkpoint(params, tmp_path, config, format="safetensors", ranks=ranks,
+                               overwrite=True, progress=False)
+  assert not list(tmp_path.glob("*-TP-00[2-7].safetensors"))
+  assert rank_files.RankFiles(tmp_path).num_ranks == 2
+  _, loaded = hf_checkpoint.load(tmp_path)
+  _assert_params_equal(loaded, params)
+
+
+def test_convert_saves_grok_2_in_its_layout(grok2_dir, tmp_path, capsys):
+  """python -m grok_moe.convert on a Grok-2 directory, --format safetensors --ranks 4
+  --dtype bfloat16: exit 0, four rank files per expert kind, tokenizer.tok.json copied,
+  and the params load back as the source rounded once to bfloat16; --ranks 5 (not a
+  divisor of 24) is one error line, exit 2, nothing written."""
+  directory, source = grok2_dir
+  assert convert.main([str(directory), str(tmp_path / "five"), "--format", "safetensors",
+                       "--ranks", "5"]) == 2
+  assert capsys.readouterr().err.startswith("error: ranks=5 does not divide the 24")
+  assert not (tmp_path / "five").exists()
+  target = tmp_path / "converted"
+  assert convert.main([str(directory), str(target), "--format", "safetensors", "--ranks", "4",
+                       "--dtype", "bfloat16"]) == 0
+  assert rank_files.RankFiles(target).num_ranks == 4
+  assert (target / "tokenizer.tok.json").read_bytes() == (
+      directory / "tokenizer.tok.json").read_bytes()
+  config, params = hf_checkpoint.load(target)
+  assert config == CONFIG
   _assert_params_equal(params, source, np.dtype(ml_dtypes.bfloat16))
 
 
@@ -370,9 +519,11 @@ def test_int8_on_the_way_in(grok2_dir):
 
 
 def _copy(source: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+  """A plain copy of the checkpoint's files (the save's links at the top, followed)."""
   target.mkdir()
   for path in source.iterdir():
-    (target / path.name).write_bytes(path.read_bytes())
+    if path.is_file():
+      (target / path.name).write_bytes(path.read_bytes())
   return target
 
 
@@ -404,7 +555,7 @@ def test_errors_name_the_file(grok2_dir, tmp_path):
   directory = _copy(source, tmp_path / "shape")
   wrong = _expert_file(directory, 5, "w2")
   view = SafetensorsFile(wrong)
-  write_safetensors(wrong, {name: np.zeros((CONFIG.emb_size, 4), np.float32)
+  rewrite_safetensors(wrong, {name: np.zeros((CONFIG.emb_size, 4), np.float32)
                             for name in view.names()})
   with pytest.raises(CheckpointError, match=re.escape(f"{wrong}: model.layers.0.")):
     hf_checkpoint.load(directory)
@@ -412,7 +563,7 @@ def test_errors_name_the_file(grok2_dir, tmp_path):
   directory = _copy(source, tmp_path / "rank_dtype")  # one rank in bfloat16, the rest float32
   odd = _expert_file(directory, 6, "w3")
   view = SafetensorsFile(odd)
-  write_safetensors(odd, {name: np.asarray(view.view(name)).astype(ml_dtypes.bfloat16)
+  rewrite_safetensors(odd, {name: np.asarray(view.view(name)).astype(ml_dtypes.bfloat16)
                           for name in view.names()})
   with pytest.raises(CheckpointError, match=re.escape(f"{odd}: model.layers.0.") +
                      ".* is bfloat16 but .* holds it as float32"):
@@ -421,7 +572,7 @@ def test_errors_name_the_file(grok2_dir, tmp_path):
   directory = _copy(source, tmp_path / "dtype")
   common = next(p for p in sorted(directory.glob("*-TP-common.safetensors"))
                 if "model.norm.weight" in SafetensorsFile(p).names())
-  write_safetensors(common, {"model.norm.weight": np.zeros(CONFIG.emb_size, np.int32)})
+  rewrite_safetensors(common, {"model.norm.weight": np.zeros(CONFIG.emb_size, np.int32)})
   with pytest.raises(CheckpointError, match=re.escape(f"{common}: model.norm.weight is int32")):
     hf_checkpoint.load(directory)
   common.unlink()
