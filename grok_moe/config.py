@@ -333,7 +333,7 @@ GROK_2 = _preset(
 
 # Tests: Grok-2's switches at TINY's odd sizes (a temperature from position 5 on).
 TINY_GROK_2 = TINY.replace(
-    expert_ffn_size=18, dense_ffn_size=22, output_multiplier_scale=0.5, router_logit_cap=3.0,
+    expert_ffn_size=18, widening_factor=18 / 40, dense_ffn_size=22, output_multiplier_scale=0.5, router_logit_cap=3.0,
     final_logit_cap=5.0, attn_logit_cap=4.0, attn_temperature_len=5, rope_base=208_533_496.0,
     expert_activation="gelu_exact", tie_embeddings=False)
 

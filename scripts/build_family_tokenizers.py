@@ -33,7 +33,9 @@ def build() -> tokenizers.Tokenizer:
 
 def main() -> None:
   tokenizer = build()
-  for family in sorted(path for path in FAMILIES_DIR.iterdir() if path.is_dir()):
+  # The Hugging Face families' fixtures; grok2/ has Grok-2's own tokenizer.tok.json.
+  for family in sorted(path for path in FAMILIES_DIR.iterdir()
+                       if path.is_dir() and not (path / "tokenizer.tok.json").exists()):
     tokenizer.save(str(family / "tokenizer.json"))
     print(f"wrote {family / 'tokenizer.json'} ({tokenizer.get_vocab_size()} ids)")
 

@@ -1,10 +1,12 @@
 """Grok-2's released layout (docs/GROK2_SPEC.md, "The released checkpoint"): its config.json,
 its weights split by tensor-parallel rank, and its tokenizer.tok.json.
 
-No Grok-2 checkpoint is committed: `write_grok2_checkpoint` saves random params
-(`params.init_params`) in the release's layout into a temporary directory with the
-package's own writer (`save_checkpoint(..., format="safetensors")`), so the tests
-check saving and loading together, and each file's layout against the spec. Its
+`write_grok2_checkpoint` saves random params (`params.init_params`) in the
+release's layout into a temporary directory with the package's own writer
+(`save_checkpoint(..., format="safetensors")`), so the tests check saving and
+loading together, and each file's layout against the spec. The same checkpoint
+is committed in tests/data/families/grok2 (scripts/build_grok2_fixture.py) for
+`run.py --checkpoint`; a test checks it is byte for byte what the writer saves. Its
 config is TINY_GROK_2 with 8 query heads (so 2, 4 and 8 devices split the heads),
 an expert FFN of 24 (so 2, 3, 4 and 8 ranks and devices split it) and a
 vocabulary of 263 (Grok-2's tokenizer has all 256 bytes). Weights are float32, so
@@ -37,6 +39,9 @@ from grok_moe.tokenizer import TiktokenTokenizer, open_tokenizer
 CONFIG = TINY_GROK_2.replace(num_q_heads=8, expert_ffn_size=24, vocab_size=263,
                              widening_factor=24 / 40, bos_token=2)  # as config.json gives it
 SEED = 3
+# The committed checkpoint of CONFIG's random params (SEED) in Grok-2's layout, written by
+# scripts/build_grok2_fixture.py with the package's own writer.
+FIXTURE_DIR = pathlib.Path(__file__).parent / "data" / "families" / "grok2"
 SPECIAL_TOKENS = ("<|pad|>", "<|separator|>", "<|eos|>")  # ids 0, 1, 2: EOS is Grok-2's 2
 
 
@@ -59,13 +64,10 @@ SPEC_CONFIG_JSON = {
 }
 
 
-def grok2_tokenizer_json(merges=("ab", "abc", " t")) -> dict:
-  """A tiny tokenizer.tok.json: the specials at ids 0..2, the 256 bytes at 3..258, then
-  a few merges."""
-  special = [{"bytes": list(text.encode()), "token": i} for i, text in enumerate(SPECIAL_TOKENS)]
-  regular = [{"bytes": [b], "token": 3 + b} for b in range(256)]
-  regular += [{"bytes": list(text.encode()), "token": 259 + i} for i, text in enumerate(merges)]
-  return {"regular_tokens": regular, "special_tokens": special, "word_split": "V1"}
+def grok2_tokenizer_json() -> dict:
+  """The committed fixture's tokenizer.tok.json (scripts/build_grok2_fixture.py): the
+  specials at ids 0..2, the 256 bytes at 3..258, then the merges "ab", "abc", " t"."""
+  return json.loads((FIXTURE_DIR / "tokenizer.tok.json").read_text())
 
 
 def write_grok2_checkpoint(directory, config: ModelConfig = CONFIG, seed: int = SEED, *,
@@ -699,12 +701,25 @@ def test_vocab_size_in_the_file_is_honoured(tmp_path):
 
 # --- End to end. ---
 
-def test_command_line_completes_text(grok2_dir, capsys):
-  """`grok-moe --checkpoint <grok-2 dir> --prompt ...` finds the config, the rank files and
-  tokenizer.tok.json, and prints the prompt and what the token-level API continues it with."""
+def test_the_committed_fixture_is_what_the_writer_saves(grok2_dir):
+  """tests/data/families/grok2 holds, byte for byte, the files a fresh save of the same
+  params writes (the writer and the committed fixture agree), plus its tokenizer. Catches
+  a fixture left stale by a change to the writer, and one built from other params."""
+  directory, _ = grok2_dir
+  fresh = {path.name: path.read_bytes() for path in directory.iterdir()
+           if path.is_file() and not path.name.startswith(".")}
+  committed = {path.name: path.read_bytes() for path in FIXTURE_DIR.iterdir()}
+  assert sorted(committed) == sorted(fresh)
+  assert [name for name in committed if committed[name] != fresh[name]] == []
+
+
+def test_command_line_completes_text(capsys):
+  """`grok-moe --checkpoint tests/data/families/grok2 --prompt ...` finds the config, the
+  rank files and tokenizer.tok.json, and prints the prompt and what the token-level API
+  continues it with."""
   from grok_moe import cli
   from grok_moe.api import Model
-  directory, _ = grok2_dir
+  directory = FIXTURE_DIR
   code = cli.main(["--checkpoint", str(directory), "--prompt", "Human: abc",
                    "--max-new-tokens", "4", "--temperature", "0", "--compilation-cache", "off"])
   out = capsys.readouterr().out
