@@ -195,11 +195,12 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     hf_checkpoint.load(tmp_path)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ("grok2",))
 def test_command_line_completes_text_with_each_family(family, capsys):
   """`grok-moe --checkpoint <fixture> --prompt ...` runs every family end to end: the Hugging
-  Face directory is recognised, its tokenizer.json used, and the greedy text is what the
-  token-level API gives for the same ids."""
+  Face directory is recognised (Grok-2's: its rank files), its tokenizer.json (Grok-2's
+  tokenizer.tok.json) used, and the greedy text is what the token-level API gives for the
+  same ids."""
   from grok_moe import cli
   from grok_moe.api import Model
   directory = FAMILIES_DIR / family

@@ -711,20 +711,3 @@ def test_the_committed_fixture_is_what_the_writer_saves(grok2_dir):
   committed = {path.name: path.read_bytes() for path in FIXTURE_DIR.iterdir()}
   assert sorted(committed) == sorted(fresh)
   assert [name for name in committed if committed[name] != fresh[name]] == []
-
-
-def test_command_line_completes_text(capsys):
-  """`grok-moe --checkpoint tests/data/families/grok2 --prompt ...` finds the config, the
-  rank files and tokenizer.tok.json, and prints the prompt and what the token-level API
-  continues it with."""
-  from grok_moe import cli
-  from grok_moe.api import Model
-  directory = FIXTURE_DIR
-  code = cli.main(["--checkpoint", str(directory), "--prompt", "Human: abc",
-                   "--max-new-tokens", "4", "--temperature", "0", "--compilation-cache", "off"])
-  out = capsys.readouterr().out
-  assert code == 0 and out.startswith("Human: abc")
-  grok = Model.from_checkpoint(directory, compilation_cache=False)
-  expected = grok.tokenizer.decode(grok.generate_tokens(grok.encode("Human: abc"),
-                                                        max_new_tokens=4, temperature=0))
-  assert out == "Human: abc" + expected + "\n"
