@@ -130,11 +130,11 @@ def test_a_sharded_save_has_the_hubs_files_and_index_and_loads_back(tmp_path, fa
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_reference_reader_reads_what_we_write(tmp_path, family):
-  """safetensors' own reader (the [reference] extra) reads every file written, sharded
-  and not, to the fixture's arrays. Catches a header it rejects (padding, offsets with
-  gaps, a wrong dtype name) that our lenient reader accepts."""
-  reference = pytest.importorskip("safetensors.numpy", reason="safetensors is in the "
-                                  "[reference] extra only")
+  """safetensors' own reader (in the [test] extra; the library never imports it) reads
+  every file written, sharded and not, to the fixture's arrays. Catches a header it
+  rejects (padding, offsets with gaps, a wrong dtype name) that our lenient reader
+  accepts."""
+  import safetensors.numpy as reference  # noqa: PLC0415
   config, params = _fixture(family)
   source = _tensors(FAMILIES_DIR / family)
   for name, limit in (("one", hf_save.MAX_SHARD_BYTES), ("shards", 4096)):
