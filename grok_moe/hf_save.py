@@ -231,19 +231,36 @@ def _converted(tensor, dtype, transpose: bool):
 def _fetch(leaf, tensor: HfTensor) -> np.ndarray:
   """Step 3 for one tensor: its slice of the stacked leaf copied to the host from the
   devices that hold it, then dequantized, cast and transposed (on the default device).
-  A rank's slice of a float leaf is cut before the copy; of an int8 one (whose scales
-  follow other blocks) after dequantizing."""
+  A rank's slice is cut before the copy: of an int8 leaf, with the scales of its
+  columns, or of its rows as one scale row per row (`_rank_rows`), since rank slices
+  need not fall on the scales' row blocks."""
   if tensor.split is None:
     part = jax.tree.map(lambda array: _host_slice(array, tensor.index), leaf)
     return np.asarray(_converted(part, tensor.dtype, tensor.transpose))
   axis, start, stop = tensor.split
   ndim = len(tensor.shape)
-  if isinstance(leaf, quant.QuantizedWeight):
-    whole = _fetch(leaf, dataclasses.replace(tensor, split=None))
-    return whole[(slice(None),) * axis + (slice(start, stop),)]
   table_axis = (2 * ndim - 3 - axis) if tensor.transpose and axis >= ndim - 2 else axis
   index = tensor.index + (slice(None),) * table_axis + (slice(start, stop),)
-  return np.asarray(_converted(_host_slice(leaf, index), tensor.dtype, tensor.transpose))
+  if not isinstance(leaf, quant.QuantizedWeight):
+    part = _host_slice(leaf, index)
+  elif table_axis == ndim - 1:  # columns: each column keeps its own scales
+    part = quant.QuantizedWeight(_host_slice(leaf.weight, index), _host_slice(leaf.scales, index))
+  else:
+    part = _rank_rows(leaf, tensor.index, start, stop)
+  return np.asarray(_converted(part, tensor.dtype, tensor.transpose))
+
+
+def _rank_rows(leaf: quant.QuantizedWeight, index: tuple[int, ...], start: int, stop: int
+               ) -> quant.QuantizedWeight:
+  """Rows start .. stop of leaf[index] [K, N] on the host, each row with the scales of its
+  row block: a QuantizedWeight of one scale row per row [stop - start, N]."""
+  block_rows = leaf.weight.shape[-2] // leaf.scales.shape[-2]
+  first, last = start // block_rows, (stop - 1) // block_rows + 1
+  weight = _host_slice(leaf.weight, index + (slice(start, stop),))                 # [rows, N]
+  scales = _host_slice(leaf.scales, index + (slice(first, last),))                 # [blocks, N]
+  per_row = np.repeat(scales, block_rows, axis=-2)[start - first * block_rows:
+                                                   stop - first * block_rows]     # [rows, N]
+  return quant.QuantizedWeight(weight, per_row)
 
 
 def _stacked(params, config: ModelConfig) -> dict[str, Any]:
