@@ -47,12 +47,19 @@ def default_dtype(mesh=None) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
+def _directories_beside(checkpoint_path: str | os.PathLike) -> list[pathlib.Path]:
+  """Where files that go with a checkpoint are looked for: the directory holding ckpt-0
+  (`checkpoint_path`, or its parent when it is ckpt-0 itself), then one level up
+  (checkpoints/ for the release)."""
+  path = pathlib.Path(checkpoint_path)
+  root = path.parent if path.name == checkpoint.TENSOR_DIR else path
+  return [root, root.parent]
+
+
 def find_tokenizer(checkpoint_path: str | os.PathLike) -> str | None:
   """tokenizer.model (or a Hugging Face tokenizer.json, or Grok-2's tokenizer.tok.json)
   beside ckpt-0, or one level up (checkpoints/ for the release), or None."""
-  path = pathlib.Path(checkpoint_path)
-  root = path.parent if path.name == checkpoint.TENSOR_DIR else path
-  for directory in (root, root.parent):
+  for directory in _directories_beside(checkpoint_path):
     for name in TOKENIZER_FILES:
       if (directory / name).is_file():
         return os.fspath(directory / name)
@@ -63,9 +70,7 @@ def find_chat_template(checkpoint_path: str | os.PathLike,
                        tokenizer_path: str | os.PathLike | None = None) -> ChatTemplate | None:
   """The chat template beside the tokenizer, else beside ckpt-0 or one level up (the
   directories find_tokenizer searches), or None; see grok_moe.chat for the files."""
-  path = pathlib.Path(checkpoint_path)
-  root = path.parent if path.name == checkpoint.TENSOR_DIR else path
-  directories = [root, root.parent]
+  directories = _directories_beside(checkpoint_path)
   if tokenizer_path is not None:
     directories.insert(0, pathlib.Path(tokenizer_path).parent)
   for directory in dict.fromkeys(directories):
