@@ -46,12 +46,54 @@ def read_bandwidth(num_bytes: int, repeats: int) -> dict:
           "bytes_per_s": size * 4 / seconds}
 
 
-def matmul_flops(size: int, dtype, repeats: int) -> dict:
-  """FLOP/s of a jitted [size, size] @ [size, size] matmul in dtype (2 size^3 FLOPs)."""
+def _matmul_program(size: int, dtype):
+  """The FLOP limit's program: a jitted [size, size] @ [size, size] matmul in dtype, and
+  three argument pairs to rotate through."""
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   a, b, c = (jax.random.normal(key, (size, size), jnp.float32).astype(dtype) for key in keys)
   matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=dtype))
-  seconds, times = median_seconds(matmul, [(a, b), (c, a), (b, c)], repeats)
+  return matmul, [(a, b), (c, a), (b, c)]
+
+
+def matmul_flops(size: int, dtype, repeats: int) -> dict:
+  """FLOP/s of a jitted [size, size] @ [size, size] matmul in dtype (2 size^3 FLOPs)."""
+  matmul, args_list = _matmul_program(size, dtype)
+  seconds, times = median_seconds(matmul, args_list, repeats)
   flops = 2 * size ** 3
   return {"size": size, "dtype": jnp.dtype(dtype).name, "seconds": seconds, "times": times,
           "flops_per_s": flops / seconds}
+
+
+def seconds_at_flop_limit(fn, args_list, flops: float, size: int, dtype,
+                          repeats: int) -> dict:
+  """fn's time over the time of `flops` at the FLOP limit, with the limit measured beside it.
+
+  Each of `repeats` rounds times one call of the limit's matmul
+  (`matmul_flops`'s program) and then one call of fn (rotating through
+  args_list), so that both see the same state of a shared machine; the
+  round's ratio is fn's time over flops / (the matmul's FLOP/s in that
+  round). Returns the median of those ratios ("ratio"), fn's median time
+  ("seconds") and the matmul's median FLOP/s ("flops_per_s"), with every
+  round's times. On a shared machine the matmul's own time moves by a
+  third within a minute (41 to 62 ms for 2048^3 on the 2-core CPU), so a
+  limit measured once, minutes before the program, puts that drift into the
+  ratio.
+  """
+  matmul, matmul_args = _matmul_program(size, dtype)
+  for program, programs_args in ((matmul, matmul_args), (fn, args_list)):
+    for args in programs_args:  # compiles, and touches the arguments first
+      jax.block_until_ready(program(*args))
+  fn_times, matmul_times = [], []
+  for i in range(repeats):
+    for program, args, times in ((matmul, matmul_args[i % len(matmul_args)], matmul_times),
+                                 (fn, args_list[i % len(args_list)], fn_times)):
+      start = time.perf_counter()
+      jax.block_until_ready(program(*args))
+      times.append(time.perf_counter() - start)
+  matmul_flops_each = 2 * size ** 3
+  ratios = [fn_time / (flops * matmul_time / matmul_flops_each)
+            for fn_time, matmul_time in zip(fn_times, matmul_times)]
+  return {"ratio": statistics.median(ratios), "ratios": ratios,
+          "seconds": statistics.median(fn_times), "times": fn_times,
+          "flops_per_s": matmul_flops_each / statistics.median(matmul_times),
+          "matmul_times": matmul_times, "matmul_size": size}

@@ -8,7 +8,7 @@ import math
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import counts
+from benchmarks import counts, limits
 from benchmarks import run as bench
 from grok_moe import quant
 from grok_moe.config import BENCH, GROK_1, PRESETS, TINY, TINY_GROK_2
@@ -91,6 +91,7 @@ def test_only_measures_the_named_parts(capsys):
   assert "many_experts" in results
   assert not {"counts", "prefill", "decode", "moe", "generate", "memory"} & results.keys()
   assert set(results["ratios"]) == {"many_experts_vs_flop_limit",
+                                    "many_experts_vs_run_flop_limit",
                                     "many_experts_decode_vs_bandwidth_limit"}
   assert [t["target"] for t in results["targets"]] == [
       "many-experts MoE / FLOP limit of its active work"]
@@ -139,3 +140,36 @@ def test_an_untied_model_reads_one_embedding_row_and_the_whole_output_projection
   read = counts.bytes_per_token(params, config)
   V, D = config.vocab_size, config.emb_size
   assert read["embeddings"] == 4 * (V * D + D)   # lm_head [V, D] whole + one input row
+
+
+def test_flop_limit_measured_beside_alternates_and_pairs_each_round(monkeypatch):
+  """limits.seconds_at_flop_limit times the limit's matmul and the program in turn, and
+  each round's ratio uses that round's matmul time; on a fake clock (the matmul takes
+  1, 1, 10 s, the program 1, 5, 10 s) the median ratio is 1x, where the ratio of the
+  medians would be 5x.
+
+  Catches a limit measured apart from the program (all matmuls first, or once per run),
+  rounds paired with the wrong matmul, or the ratio's FLOP arithmetic wrong.
+  """
+  now, calls = [0.0], []
+  matmul_seconds, program_seconds = iter([0, 0, 0, 1, 1, 10]), iter([0, 0, 1, 5, 10])
+
+  def timed(name, seconds):
+    def call(*args):
+      calls.append(name)
+      now[0] += next(seconds)
+      return jnp.zeros(())
+    return call
+
+  size = 4
+  monkeypatch.setattr(limits.time, "perf_counter", lambda: now[0])
+  monkeypatch.setattr(limits, "_matmul_program", lambda size, dtype: (
+      timed("matmul", matmul_seconds), [(), (), ()]))
+  flops = 2 * size ** 3  # the matmul's own FLOPs: each round's ratio is program / matmul
+  result = limits.seconds_at_flop_limit(timed("program", program_seconds), [(), ()], flops,
+                                        size, "float32", repeats=3)
+  assert calls == ["matmul"] * 3 + ["program"] * 2 + ["matmul", "program"] * 3
+  assert result["ratios"] == [1.0, 5.0, 1.0]
+  assert result["ratio"] == 1.0
+  assert result["seconds"] == 5.0
+  assert result["flops_per_s"] == flops / 1.0
