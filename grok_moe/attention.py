@@ -28,8 +28,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-# `attend` reads a KV cache of more slots than this in chunks of this many.
-ATTENTION_CHUNK = 512
+# `attend` reads a KV cache of more slots than this in chunks of this many, unless
+# given another `chunk`.
+DEFAULT_ATTENTION_CHUNK = 512
 
 
 def temperature(positions: jax.Array, config: ModelConfig) -> jax.Array | None:
@@ -52,20 +53,21 @@ def _capped(scores, config: ModelConfig, temperature=None):
   return scores if temperature is None else scores * temperature
 
 
-def attend(q, keys, values, mask, config: ModelConfig, *, layer=None, temperature=None):
+def attend(q, keys, values, mask, config: ModelConfig, *, layer=None, temperature=None,
+           chunk: int = DEFAULT_ATTENTION_CHUNK):
   """Grouped-query attention with the soft logit cap.
 
   q [B, T, H, d]; keys, values [B, S, K, d], or a whole cache [L, B, S, K, d]
   with the `layer` to read (an int or a traced index); mask [B, T, S] -> [B, T, H*d], in q's dtype.
   `temperature` [B, T] (see `temperature`) multiplies each query's capped logits.
-  A cache of more than ATTENTION_CHUNK slots is read chunk by chunk
-  (`_attend_cache_in_chunks`), skipping the chunks no query sees.
+  A cache of more than `chunk` slots (a multiple of it) is read chunk by
+  chunk (`_attend_cache_in_chunks`), skipping the chunks no query sees.
   """
   batch, num_new, _, head_dim = q.shape
   q = q.reshape(batch, num_new, config.num_kv_heads, config.num_kv_groups, head_dim)  # [B, T, K, G, d]
   num_slots = mask.shape[-1]
-  if layer is not None and num_slots > ATTENTION_CHUNK and num_slots % ATTENTION_CHUNK == 0:
-    out = _attend_cache_in_chunks(q, keys, values, layer, mask, config,
+  if layer is not None and num_slots > chunk and num_slots % chunk == 0:
+    out = _attend_cache_in_chunks(q, keys, values, layer, mask, config, chunk,
                                   temperature)                                      # [B, T, K, G, d]
   else:
     if layer is not None:
@@ -82,9 +84,9 @@ def attend(q, keys, values, mask, config: ModelConfig, *, layer=None, temperatur
 
 
 def _attend_cache_in_chunks(q, cache_keys, cache_values, layer, mask, config: ModelConfig,
-                            temperature=None):
+                            chunk: int, temperature=None):
   """Attention of q [B, T, K, G, d] over layer `layer` of a cache [L, B, S, K, d], read
-  in chunks of c = ATTENTION_CHUNK slots; mask [B, T, S], temperature [B, T] or None
+  in chunks of c = `chunk` slots; mask [B, T, S], temperature [B, T] or None
   -> [B, T, K, G, d] in q's dtype.
 
   Two `lax.scan`s over the chunks, so that the softmax is the plain one over
@@ -103,7 +105,7 @@ def _attend_cache_in_chunks(q, cache_keys, cache_values, layer, mask, config: Mo
   add exact zeros, so the result is the grouped attention's.
   """
   batch, num_new, kv_heads, groups, head_dim = q.shape
-  num_slots, chunk = mask.shape[-1], ATTENTION_CHUNK
+  num_slots = mask.shape[-1]
   num_chunks, width, queries = num_slots // chunk, kv_heads * head_dim, num_new * kv_heads * groups
   eye = jnp.eye(kv_heads, dtype=q.dtype)                                            # [K, K]
   q_blocks = jnp.einsum("btkgd,kj->bjdtkg", q, eye).reshape(batch, width, queries)  # [B, K*d, T*H]

@@ -64,10 +64,13 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 class _Layer:
-  """What `decoder_layer` needs besides its weights: the config, the plan, the tile size."""
+  """What `decoder_layer` needs besides its weights: the config, the plan, the MoE's tile
+  size and the attention's cache chunk."""
 
-  def __init__(self, config: ModelConfig, plan: ShardingPlan | None, tile_size: int | None):
+  def __init__(self, config: ModelConfig, plan: ShardingPlan | None, tile_size: int | None,
+               attention_chunk: int = attention.DEFAULT_ATTENTION_CHUNK):
     self.config, self.plan, self.tile_size = config, plan, tile_size
+    self.attention_chunk = attention_chunk
 
   def linear(self, x, weights, param: P.ParamSpec, layer):
     """x [..., in] @ layer `layer` of the stacked weight of kind `param` [L, in, out]."""
@@ -145,10 +148,10 @@ def _attention(ctx: _Layer, weights, x, positions, token_valid, cache, layer):
   temperature = attention.temperature(jnp.broadcast_to(positions, (batch, num_new)), cfg)  # [B, T]
   if ctx.plan is None:
     out = attention.attend(q, keys, values, mask, cfg, layer=read_layer,
-                           temperature=temperature)                       # [B, T, H*d]
+                           temperature=temperature, chunk=ctx.attention_chunk)  # [B, T, H*d]
   else:
     out = sharded_ops.attend(q, keys, values, mask, cfg, ctx.plan, layer=read_layer,
-                             temperature=temperature)
+                             temperature=temperature, chunk=ctx.attention_chunk)
   return ctx.linear(out, weights, P.ATTENTION_OUT, layer), new_cache
 
 
@@ -262,9 +265,10 @@ def _get_parameters(specs, config: ModelConfig, prefix: str) -> dict[str, jax.Ar
 class Transformer(hk.Module):
   """The decoder layers, their weights stacked [L, ...] and run by one `lax.scan`."""
 
-  def __init__(self, config: ModelConfig, plan: ShardingPlan | None, tile_size: int | None):
+  def __init__(self, config: ModelConfig, plan: ShardingPlan | None, tile_size: int | None,
+               attention_chunk: int = attention.DEFAULT_ATTENTION_CHUNK):
     super().__init__(name="transformer")
-    self.ctx = _Layer(config, plan, tile_size)
+    self.ctx = _Layer(config, plan, tile_size, attention_chunk)
 
   def __call__(self, x, positions, token_valid, cache_keys, cache_values, cache_valid):
     """x [B, T, D] -> x [B, T, D], the cache keys and values [L, B, S, K, d] (or None)
@@ -334,28 +338,30 @@ class LanguageModel(hk.Module):
 
 @functools.lru_cache(maxsize=None)
 def transformed(config: ModelConfig, dtype_name: str, tile_size: int | None,
-                plan: ShardingPlan | None = None):
+                plan: ShardingPlan | None = None,
+                attention_chunk: int = attention.DEFAULT_ATTENTION_CHUNK):
   """The Haiku-transformed model: apply(params, tokens, token_valid, positions, cache,
   logits_index)."""
   def model_fn(tokens, token_valid, positions=None, cache=None, logits_index=None):
     # The transformer is built outside language_model so that its parameters
     # are named "transformer/..." at the top level, as in the release.
-    transformer = Transformer(config, plan, tile_size)
+    transformer = Transformer(config, plan, tile_size, attention_chunk)
     return LanguageModel(config, transformer)(tokens, token_valid, positions, cache,
                                               logits_index, jnp.dtype(dtype_name))
   return hk.without_apply_rng(hk.transform(model_fn))
 
 
 def apply(params, tokens, token_valid, positions, cache, logits_index, *, config, dtype,
-          return_routing, tile_size=None, sharding=None) -> ModelOutput:
+          return_routing, tile_size=None, sharding=None,
+          attention_chunk: int = attention.DEFAULT_ATTENTION_CHUNK) -> ModelOutput:
   """The forward pass on prepared inputs, to be called inside jit (see `forward`)."""
-  out = transformed(config, jnp.dtype(dtype).name, tile_size, sharding).apply(
+  out = transformed(config, jnp.dtype(dtype).name, tile_size, sharding, attention_chunk).apply(
       params, tokens, token_valid, positions, cache, logits_index)
   return out if return_routing else out._replace(routing=None)
 
 
 _apply_jit = jax.jit(apply, static_argnames=("config", "dtype", "return_routing", "tile_size",
-                                             "sharding"))
+                                             "sharding", "attention_chunk"))
 
 
 def release_token_valid(tokens, config: ModelConfig) -> jax.Array:
@@ -368,7 +374,8 @@ def release_token_valid(tokens, config: ModelConfig) -> jax.Array:
 def forward(params, tokens, config: ModelConfig, *, dtype=jnp.bfloat16, token_valid=None,
             positions=None, cache: KVCache | None = None, logits_index=None,
             return_routing: bool = False, tile_size: int | None = None,
-            sharding: ShardingPlan | None = None) -> ModelOutput:
+            sharding: ShardingPlan | None = None,
+            attention_chunk: int = attention.DEFAULT_ATTENTION_CHUNK) -> ModelOutput:
   """Logits of `tokens` [B, T] (and the updated cache, and the routing when asked).
 
   `token_valid` [B, T] bool marks the real tokens (default: all); the others
@@ -385,6 +392,9 @@ def forward(params, tokens, config: ModelConfig, *, dtype=jnp.bfloat16, token_va
   (decoder_layer_{i}) are stacked first, a copy on every call. `sharding`, a
   `grok_moe.sharding.ShardingPlan` for this config, runs the pass over the
   plan's mesh; params, tokens and cache not yet placed its way are placed first.
+  `tile_size` (rows of the MoE's tiles, `moe.sparse_moe`) and `attention_chunk`
+  (slots of a cache read at a time, `attention.attend`) tune speed and
+  memory only.
   """
   tokens = jnp.asarray(tokens, jnp.int32)
   if token_valid is None:
@@ -405,4 +415,4 @@ def forward(params, tokens, config: ModelConfig, *, dtype=jnp.bfloat16, token_va
       cache = sharding.shard_cache(cache)
   return _apply_jit(params, tokens, token_valid, positions, cache, logits_index, config=config,
                     dtype=jnp.dtype(dtype).name, return_routing=return_routing,
-                    tile_size=tile_size, sharding=sharding)
+                    tile_size=tile_size, sharding=sharding, attention_chunk=attention_chunk)

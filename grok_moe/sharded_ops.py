@@ -106,13 +106,13 @@ def matmul(x: jax.Array, w: quant.Weight, param: ParamSpec, plan: ShardingPlan,
 
 
 def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, layer=None,
-           temperature=None):
+           temperature=None, chunk: int = attention.DEFAULT_ATTENTION_CHUNK):
   """attention.attend with the query heads split over the model axis.
 
   q [B, T, H, d]; keys, values [B, S, K, d] (or the whole cache
   [L, B, S, K, d] and the `layer` to read, a traced index); mask [B, T, S]
-  -> [B, T, H*d], split on the heads; temperature [B, T] or None, as in
-  `attention.attend`. Each device holds H/n query heads.
+  -> [B, T, H*d], split on the heads; temperature [B, T] or None and the
+  cache's read `chunk`, as in `attention.attend`. Each device holds H/n query heads.
   When n divides K it holds their K/n KV heads; otherwise the KV heads are
   copied and each device takes the ones its query heads use (head j uses
   KV head j // G).
@@ -143,7 +143,7 @@ def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, la
         keys, values = (jnp.take(a, kv_index, axis=2) for a in (keys, values))   # [B, S, H/n, d]
     local = config.replace(num_q_heads=local_heads, num_kv_heads=local_kv)
     return attention.attend(q, keys, values, mask, local, layer=layer if read_layer else None,
-                            temperature=temperature)                             # [B, T, H/n*d]
+                            temperature=temperature, chunk=chunk)                             # [B, T, H/n*d]
 
   in_specs = (P(rows, None, MODEL, None), kv_spec, kv_spec, P(rows, None, None), P(),
               None if temperature is None else P(rows, None))
