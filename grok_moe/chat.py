@@ -26,7 +26,9 @@ method that changes a list or dict, `range` up to 100,000, and here also no `*` 
 makes a string or list over a million items and no `**` with an exponent over 1,000.
 Every failure of a template (syntax, undefined names, the sandbox, raise_exception,
 any exception inside) is one TokenizerError naming the file. The sandbox bounds what
-a template can touch, not how long it runs: nested loops can still take long.
+a template can touch, not how long it runs, so `render` also stops a template that
+runs over MAX_RENDER_SECONDS (nested loops over `range`) or writes over
+MAX_PROMPT_CHARS characters.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import datetime
 import functools
 import json
 import pathlib
+import sys
+import time
 from typing import Any, Mapping, Sequence
 
 import jinja2
@@ -53,6 +57,8 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 MAX_FILE_BYTES = 16 * 1024 * 1024  # tokenizer_config.json with a large added-token table
 MAX_REPEAT_ITEMS = 1_000_000       # `'x' * n`, `[x] * n` in a template
 MAX_EXPONENT = 1_000               # `a ** b` in a template
+MAX_RENDER_SECONDS = 10.0          # a template's rendering (a real one takes milliseconds)
+MAX_PROMPT_CHARS = 16 * 1024 * 1024  # the text a template writes
 ERROR_CHARS = 300                  # a template's error message, shortened to one line
 
 # Grok-2's chat format (docs/GROK2_SPEC.md, "Chat template"): a user or system turn is
@@ -185,10 +191,12 @@ class ChatTemplate:
       raise TokenizerError(f"{self.origin}: the chat template has a syntax error at line "
                            f"{error.lineno}: {_one_line(error.message)}") from None
 
-  def render(self, messages, add_generation_prompt: bool = False) -> str:
+  def render(self, messages, add_generation_prompt: bool = False, *,
+             time_limit: float = MAX_RENDER_SECONDS) -> str:
     """The conversation as prompt text; with `add_generation_prompt`, ending where the
     assistant's reply begins. InputError for bad messages, TokenizerError for a template
-    that fails on them."""
+    that fails on them, runs over `time_limit` seconds or writes over MAX_PROMPT_CHARS
+    characters."""
     messages = check_messages(messages, self.roles)
     origin = self.origin
 
@@ -197,10 +205,15 @@ class ChatTemplate:
                            f"{_one_line(message)}")
 
     template = self._compiled
+    variables = dict(messages=messages, add_generation_prompt=bool(add_generation_prompt),
+                     tools=None, documents=None, raise_exception=raise_exception,
+                     **self.special_tokens)
     try:
-      text = template.render(messages=messages, add_generation_prompt=bool(add_generation_prompt),
-                             tools=None, documents=None, raise_exception=raise_exception,
-                             **self.special_tokens)
+      text = _with_deadline(lambda: _bounded_text(template.generate(**variables), origin),
+                            time_limit)
+    except _OverTime:
+      raise TokenizerError(f"{origin}: the chat template was stopped: it ran over "
+                           f"{time_limit:g} s") from None
     except TokenizerError:
       raise
     except jinja2.sandbox.SecurityError as error:
@@ -234,6 +247,49 @@ class ChatTemplate:
       stops += [tokenizer.decode([i]) for i in self.eos_token_ids if 0 <= i < tokenizer.vocab_size]
     stops.append(self.end_of_turn())
     return tuple(dict.fromkeys(s for s in stops if s))
+
+
+class _OverTime(Exception):
+  """A template's rendering ran past its deadline (raised inside the template's code)."""
+
+
+def _with_deadline(render, seconds: float):
+  """render() with every line the template's compiled code runs checking the clock: past
+  `seconds`, _OverTime is raised inside the template.
+
+  A Python trace function (`sys.settrace`, this thread only) that traces the
+  template's own frames (Jinja compiles templates into code of the file
+  "<template>") and no others; the previous trace function (a debugger's, a
+  coverage tool's) is put back afterwards.
+  """
+  deadline = time.monotonic() + seconds
+
+  def check_line(frame, event, arg):
+    if time.monotonic() > deadline:
+      raise _OverTime
+    return check_line
+
+  def trace_templates(frame, event, arg):
+    return check_line if frame.f_code.co_filename == "<template>" else None
+
+  previous = sys.gettrace()
+  sys.settrace(trace_templates)
+  try:
+    return render()
+  finally:
+    sys.settrace(previous)
+
+
+def _bounded_text(pieces, origin: str) -> str:
+  """The text of a template's generated pieces; TokenizerError past MAX_PROMPT_CHARS."""
+  parts, size = [], 0
+  for piece in pieces:
+    size += len(piece)
+    if size > MAX_PROMPT_CHARS:
+      raise TokenizerError(f"{origin}: the chat template was stopped: it wrote over "
+                           f"{MAX_PROMPT_CHARS:,} characters")
+    parts.append(piece)
+  return "".join(parts)
 
 
 def _read_text(path: pathlib.Path) -> str:

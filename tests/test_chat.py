@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import sys
+import time
 
 import pytest
 
@@ -161,6 +163,26 @@ def test_sandbox_refuses_python_internals_with_a_tokenizer_error(source):
   template rendered by a plain (unsandboxed) jinja2.Environment."""
   with pytest.raises(TokenizerError, match="refused by the sandbox"):
     chat.ChatTemplate(source, "evil.jinja").render(HI)
+
+
+def test_a_template_that_runs_too_long_or_writes_too_much_is_stopped():
+  """Nested loops over range (10^15 steps, inside the sandbox's limits) stop at the time
+  limit, and 10^8 characters of output at MAX_PROMPT_CHARS, each with a one-line
+  TokenizerError naming the file; a debugger's or coverage tool's trace function is
+  back afterwards. Catches a hostile template hanging or exhausting the process that
+  loads its checkpoint."""
+  loops = ("{% for i in range(100000) %}{% for j in range(100000) %}"
+           "{% for k in range(100000) %}{% endfor %}{% endfor %}{% endfor %}")
+  before = sys.gettrace()
+  start = time.monotonic()
+  with pytest.raises(TokenizerError, match=r"^slow.jinja: .*stopped: it ran over 0.5 s$"):
+    chat.ChatTemplate(loops, "slow.jinja").render(HI, time_limit=0.5)
+  assert time.monotonic() - start < 5  # the limit, plus a wide margin for a busy machine
+  assert sys.gettrace() is before
+  writes = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
+  with pytest.raises(TokenizerError, match=r"^big.jinja: .*stopped: it wrote over"):
+    chat.ChatTemplate(writes, "big.jinja").render(HI)
+  assert sys.gettrace() is before
 
 
 def test_tojson_is_json_dumps_without_html_escaping():
