@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks import counts, limits
 from grok_moe import params as param_table
-from grok_moe import moe, quant, sampling, sharded_ops, sharding
+from grok_moe import moe, quant, random_weights, sampling, sharded_ops, sharding
 from grok_moe.config import BENCH, PRESETS, ModelConfig
 from grok_moe.kv_cache import KVCache
 
@@ -177,36 +177,6 @@ def _settings(args) -> Settings:
 
 
 # --- Random weights, made on the device. ---
-
-def random_params(config: ModelConfig, seed: int = 0):
-  """Random stacked params in the release's storage: int8 + bfloat16 scales, float32 elsewhere.
-
-  Made on the default device with jax.random, tensor kind by tensor kind from
-  the parameter table, so that Grok-1-width layers need no host copy. int8
-  values are uniform in [-127, 127] with scales making a unit-RMS input give
-  outputs of RMS ~0.6; the router is normal with std 1/sqrt(D), so routing is
-  spread over the experts.
-  """
-  key = jax.random.PRNGKey(seed)
-  flat = {}
-  for index, spec in enumerate(param_table.params_for(config)):
-    shape = spec.stored_shape(config)
-    leaf_key = jax.random.fold_in(key, index)
-    if spec.fan_in_axis is None:  # norm scales (1) and biases (0)
-      flat[spec.path] = jnp.full(shape, spec.init_value, jnp.float32)
-    elif not spec.quantized:  # embeddings and router
-      std = 0.5 if spec is param_table.EMBEDDINGS else 1 / math.sqrt(shape[-2])
-      flat[spec.path] = std * jax.random.normal(leaf_key, shape, jnp.float32)
-    else:
-      *batch, fan_in, fan_out = shape
-      weight_key, scale_key = jax.random.split(leaf_key)
-      weight = jax.random.randint(weight_key, shape, -127, 128, jnp.int8)
-      blocks = spec.blocks_for_rows(fan_in)
-      scales = jax.random.uniform(scale_key, (*batch, blocks, fan_out), jnp.float32,
-                                  0.5, 1.5) / (127 * math.sqrt(fan_in))
-      flat[spec.path] = quant.QuantizedWeight(weight, scales.astype(jnp.bfloat16))
-  return jax.block_until_ready(param_table.unflatten(flat))
-
 
 # --- Measurements. ---
 
@@ -352,14 +322,9 @@ def measure_many_experts(settings: Settings, rng) -> dict:
   shape = dict(experts=num_experts, k=k, width=width, ffn=ffn)
   key = jax.random.PRNGKey(7)
 
-  def weight(index, rows, cols):
-    weight_key, scale_key = jax.random.split(jax.random.fold_in(key, index))
-    values = jax.random.randint(weight_key, (num_experts, rows, cols), -127, 128, jnp.int8)
-    scales = jax.random.uniform(scale_key, (num_experts, 1, cols), jnp.float32, 0.5, 1.5)
-    return quant.QuantizedWeight(values, (scales / (127 * math.sqrt(rows))).astype(jnp.bfloat16))
-
-  weights = jax.block_until_ready([weight(0, width, ffn), weight(1, width, ffn),
-                                   weight(2, ffn, width)])
+  weights = jax.block_until_ready([  # per-channel scales
+      random_weights.quantized(jax.random.fold_in(key, index), (num_experts, rows, cols))
+      for index, (rows, cols) in enumerate(((width, ffn), (width, ffn), (ffn, width)))])
   router = jax.random.normal(jax.random.fold_in(key, 3), (width, num_experts)) / math.sqrt(width)
   dtype = settings.dtype
 
@@ -485,7 +450,7 @@ def run(settings: Settings, log=print, seed: int = 0) -> dict:
   parts, params, plan = settings.parts, None, None
   if set(parts) - {"many-experts"}:  # the many-experts layer makes weights of its own
     log("weights ...")
-    int8_params = random_params(config, seed)
+    int8_params = random_weights.release_params(config, seed)
     int8_bytes_per_token = counts.bytes_per_token(int8_params, config)
     params = jax.block_until_ready(quant.with_residency(int8_params, settings.residency))
     del int8_params

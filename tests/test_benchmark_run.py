@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import counts, limits
 from benchmarks import run as bench
-from grok_moe import quant
+from grok_moe import quant, random_weights
 from grok_moe.config import BENCH, GROK_1, PRESETS, TINY, TINY_GROK_2
 
 
@@ -21,7 +21,7 @@ def test_counts_by_hand():
   per_layer = D * 512 + 2 * D * 128 + 512 * D + D * E + 2 * 3 * D * F
   assert active["total"] == 4 * per_layer + V * D
 
-  params = bench.random_params(config.replace(num_layers=1))
+  params = random_weights.release_params(config.replace(num_layers=1))
   read = counts.bytes_per_token(params, config.replace(num_layers=1))
   experts = 2 * (2 * (D * F + 2 * F) + (F * D + 2 * 8 * D))   # 2 experts: int8 + bf16 scales
   attention = (D * 512 + 2 * 512) + 2 * (D * 128 + 2 * 128) + (512 * D + 2 * 8 * D)
@@ -61,7 +61,7 @@ def test_run_on_a_tiny_model_reports_every_figure(tmp_path):
   assert "decode at 40 / at 8 cached" in text and "generate, batch 2" in text
   assert "MoE layer, 16 experts (top 4), 64 tokens" in text
   assert results["memory"]["weight_bytes"] == counts.weight_bytes(
-      bench.random_params(settings.config))
+      random_weights.release_params(settings.config))
   assert jnp.dtype(results["limits"]["matmul"]["dtype"]) == jnp.float32
 
 
@@ -136,7 +136,7 @@ def test_an_untied_model_reads_one_embedding_row_and_the_whole_output_projection
   lm_head, not both tables whole. Catches a bandwidth limit that charges an untied model
   (Mixtral, Qwen, Grok-2) for reading its input embeddings on every token."""
   config = TINY_GROK_2.replace(num_layers=1)
-  params = bench.random_params(config)
+  params = random_weights.release_params(config)
   read = counts.bytes_per_token(params, config)
   V, D = config.vocab_size, config.emb_size
   assert read["embeddings"] == 4 * (V * D + D)   # lm_head [V, D] whole + one input row
