@@ -413,15 +413,20 @@ class Model:
           "the model's own format, or pass chat_template= to Model.from_checkpoint")
     return self.chat_template
 
-  def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> str:
+  def chat_prompt(self, messages: Sequence[Mapping[str, str]], *,
+                  tools: Sequence[Any] | None = None,
+                  documents: Sequence[Any] | None = None) -> str:
     """The prompt text `chat` generates from: the conversation rendered with the chat
-    template, ending where the assistant's reply begins.
+    template, ending where the assistant's reply begins. `tools` (function schemas)
+    and `documents` go to the template as its `tools` and `documents` (see
+    `chat.ChatTemplate.render`); a template that never reads them refuses them.
 
     Example:
       >>> model.chat_prompt([{"role": "user", "content": "Hi"}])
       '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n'
     """
-    return self._require_chat_template().render(messages, add_generation_prompt=True)
+    return self._require_chat_template().render(messages, add_generation_prompt=True,
+                                                tools=tools, documents=documents)
 
   def chat_stop_strings(self) -> tuple[str, ...]:
     """The texts at which the assistant's reply ends (besides the model's EOS id): the
@@ -432,9 +437,10 @@ class Model:
   def chat_stream(self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int = 64,
                   temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0,
                   seed: int = 0, stop: str | Sequence[str] | None = None,
-                  truncate: bool = False) -> Iterator[str]:
+                  truncate: bool = False, tools: Sequence[Any] | None = None,
+                  documents: Sequence[Any] | None = None) -> Iterator[str]:
     """Yields the assistant's reply to `messages` piece by piece (see `chat`)."""
-    prompt = self.chat_prompt(messages)
+    prompt = self.chat_prompt(messages, tools=tools, documents=documents)
     stops = _stop_strings(stop) + self.chat_stop_strings()
     settings = _sampling_config(max_new_tokens, temperature, top_p, top_k, seed)
     for (piece,) in self._stream_rows([prompt], stops, truncate, settings):
@@ -443,7 +449,8 @@ class Model:
 
   def chat(self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int = 64,
            temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
-           stop: str | Sequence[str] | None = None, truncate: bool = False) -> str:
+           stop: str | Sequence[str] | None = None, truncate: bool = False,
+           tools: Sequence[Any] | None = None, documents: Sequence[Any] | None = None) -> str:
     """The assistant's reply to a conversation, a list of {"role", "content"} dicts.
 
     The messages are rendered with the checkpoint's chat template and a generation
@@ -451,8 +458,9 @@ class Model:
     special-token text becomes the special token), and completed as `generate` does.
     The reply ends at the model's EOS id, at a chat stop string (`chat_stop_strings`)
     or at one of `stop`, which are not included; it is the model's text otherwise
-    unchanged (a leading space after Grok-2's "Assistant:" stays). InputError for bad
-    messages; TokenizerError without a chat template or tokenizer, or when the template
+    unchanged (a leading space after Grok-2's "Assistant:" stays). `tools` and
+    `documents` are passed to the template (`chat_prompt`); a tool call comes back as
+    the model writes it, not parsed. InputError for bad messages; TokenizerError without a chat template or tokenizer, or when the template
     refuses the messages.
 
     Example:
@@ -460,7 +468,8 @@ class Model:
     """
     return "".join(self.chat_stream(messages, max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_p=top_p, top_k=top_k,
-                                    seed=seed, stop=stop, truncate=truncate))
+                                    seed=seed, stop=stop, truncate=truncate, tools=tools,
+                                    documents=documents))
 
   # --- Tokens in, tokens out. ---
 

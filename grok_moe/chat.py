@@ -17,8 +17,9 @@ Jinja with `trim_blocks` and `lstrip_blocks` (a block tag's own line leaves no
 whitespace behind), the template's final newline dropped, the `loopcontrols`
 extension (`break`, `continue`), `{% generation %}` blocks rendered as their body,
 `tojson` as Python's `json.dumps` (no HTML escaping, `ensure_ascii=False`), and the
-variables `messages`, `add_generation_prompt`, `tools` and `documents` (None), the
-special tokens, `raise_exception(message)` and `strftime_now(format)`.
+variables `messages`, `add_generation_prompt`, `tools` and `documents` (None unless
+given: lists of JSON values, such as function schemas for tool calling), the special
+tokens, `raise_exception(message)` and `strftime_now(format)`.
 
 A template is untrusted input (it comes with a downloaded checkpoint), so it runs in
 Jinja's immutable sandbox: no attribute of Python's internals (`__class__`, ...), no
@@ -44,6 +45,7 @@ from typing import Any, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.sandbox
 
 from grok_moe.errors import InputError, TokenizerError
@@ -168,6 +170,22 @@ def check_messages(messages, roles: Sequence[str] | None = None) -> list[dict[st
   return checked
 
 
+def check_json_list(value, name: str) -> list[Any] | None:
+  """`value` (`tools` or `documents`) as plain JSON data: None, or a list of JSON values
+  (dicts, lists, str, numbers, bools, None), copied so that a template sees no other
+  objects. InputError otherwise."""
+  if value is None:
+    return None
+  if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+    raise InputError(f"{name} must be a list (of dicts such as function schemas), got "
+                     f"{type(value).__name__}")
+  try:
+    return json.loads(json.dumps(list(value), allow_nan=False))
+  except (TypeError, ValueError) as error:
+    raise InputError(f"{name} must hold JSON values only (dicts, lists, str, numbers, "
+                     f"bools, None): {_one_line(error)}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
   """A chat template and what it is rendered with.
@@ -191,14 +209,22 @@ class ChatTemplate:
       raise TokenizerError(f"{self.origin}: the chat template has a syntax error at line "
                            f"{error.lineno}: {_one_line(error.message)}") from None
 
-  def render(self, messages, add_generation_prompt: bool = False, *,
-             time_limit: float = MAX_RENDER_SECONDS) -> str:
+  def render(self, messages, add_generation_prompt: bool = False, *, tools=None,
+             documents=None, time_limit: float = MAX_RENDER_SECONDS) -> str:
     """The conversation as prompt text; with `add_generation_prompt`, ending where the
-    assistant's reply begins. InputError for bad messages, TokenizerError for a template
-    that fails on them, runs over `time_limit` seconds or writes over MAX_PROMPT_CHARS
-    characters."""
+    assistant's reply begins. `tools` and `documents` (lists of JSON values) are passed
+    to the template as they are. InputError for bad messages, tools or documents, or
+    for tools or documents given to a template that never reads them; TokenizerError for
+    a template that fails on them, runs over `time_limit` seconds or writes over
+    MAX_PROMPT_CHARS characters."""
     messages = check_messages(messages, self.roles)
+    extras = {"tools": check_json_list(tools, "tools"),
+              "documents": check_json_list(documents, "documents")}
     origin = self.origin
+    for name, value in extras.items():
+      if value is not None and not self.reads(name):
+        raise InputError(f"{origin}: this chat template never reads `{name}`, so the "
+                         f"{name} given would be dropped; leave {name} out")
 
     def raise_exception(message):
       raise TokenizerError(f"{origin}: the chat template refuses these messages: "
@@ -206,8 +232,7 @@ class ChatTemplate:
 
     template = self._compiled
     variables = dict(messages=messages, add_generation_prompt=bool(add_generation_prompt),
-                     tools=None, documents=None, raise_exception=raise_exception,
-                     **self.special_tokens)
+                     **extras, raise_exception=raise_exception, **self.special_tokens)
     try:
       text = _with_deadline(lambda: _bounded_text(template.generate(**variables), origin),
                             time_limit)
@@ -226,6 +251,17 @@ class ChatTemplate:
       raise TokenizerError(f"{origin}: the chat template failed: {type(error).__name__}: "
                            f"{_one_line(error)}") from None
     return text
+
+  def reads(self, name: str) -> bool:
+    """Whether the template reads the variable `name` anywhere (jinja2.meta's undeclared
+    variables of its parsed source)."""
+    return name in self._variables
+
+  @functools.cached_property
+  def _variables(self) -> frozenset[str]:
+    """The names the template reads without setting them itself."""
+    self._compiled  # compiled first, so that a syntax error is its TokenizerError
+    return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(self.source)))
 
   def end_of_turn(self) -> str | None:
     """What the template writes after an assistant's reply, whitespace stripped

@@ -185,6 +185,50 @@ def test_a_template_that_runs_too_long_or_writes_too_much_is_stopped():
   assert sys.gettrace() is before
 
 
+TOOLS_TEMPLATE = ("{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}"
+                  "{% for d in documents or [] %}Doc: {{ d.text }}\n{% endfor %}"
+                  "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+WEATHER = {"type": "function",
+           "function": {"name": "weather", "parameters": {"city": {"type": "string"}}}}
+
+
+def test_tools_and_documents_reach_the_template_as_json():
+  """tools and documents are the template's `tools` and `documents`, as plain JSON data
+  (a tuple becomes a list). Catches them dropped (the template then sees None) or
+  passed as the caller's objects."""
+  template = chat.ChatTemplate(TOOLS_TEMPLATE, "t.jinja")
+  text = template.render(HI, tools=(WEATHER,), documents=[{"text": "Rain."}])
+  assert text == ('Tools: [{"type": "function", "function": {"name": "weather", '
+                  '"parameters": {"city": {"type": "string"}}}}]\nDoc: Rain.\nuser: Hi\n')
+  assert template.render(HI) == "user: Hi\n"
+
+
+@pytest.mark.parametrize("tools, message", [
+    ("weather", r"tools must be a list"),
+    ({"name": "weather"}, r"tools must be a list"),
+    ([object()], r"tools must hold JSON values only"),
+    ([{"x": float("nan")}], r"tools must hold JSON values only"),
+])
+def test_bad_tools_are_an_input_error(tools, message):
+  """tools that are not a list of JSON values are one-line InputErrors, before the
+  template runs."""
+  with pytest.raises(InputError, match=message):
+    chat.ChatTemplate(TOOLS_TEMPLATE, "t.jinja").render(HI, tools=tools)
+
+
+def test_tools_for_a_template_that_never_reads_them_are_refused():
+  """Grok-2's built-in format has no tools: tools given to it are an InputError naming
+  the template, not silently dropped; documents likewise for a template without them.
+  A template with a syntax error stays its TokenizerError."""
+  grok2 = chat.ChatTemplate(chat.GROK2_CHAT_TEMPLATE, "grok2/tokenizer.tok.json")
+  with pytest.raises(InputError, match=r"^grok2/tokenizer.tok.json: .* never reads `tools`"):
+    grok2.render(HI, tools=[WEATHER])
+  with pytest.raises(InputError, match=r"never reads `documents`"):
+    grok2.render(HI, documents=[{"text": "Rain."}])
+  with pytest.raises(TokenizerError, match=r"syntax error"):
+    chat.ChatTemplate("{{ tools ", "bad.jinja").render(HI, tools=[WEATHER])
+
+
 def test_tojson_is_json_dumps_without_html_escaping():
   """tojson writes what transformers' does (json.dumps, ensure_ascii off) rather than
   Jinja's own HTML-escaping filter: catches "<" turned into "\\u003c" in tool prompts."""
@@ -281,6 +325,15 @@ def test_chat_stops_at_the_checkpoints_end_of_sequence(tmp_path, chatml_model, w
   (directory / "tokenizer_config.json").write_text(json.dumps(config))
   model = api.Model.from_checkpoint(directory, compilation_cache=False)
   assert model.chat(HI, max_new_tokens=12, temperature=0) == text[:at]
+
+
+def test_model_chat_hands_tools_to_the_template(chatml_model):
+  """Model.chat_prompt and Model.chat pass tools on to the template: the ChatML fixture's
+  template never reads them, so they are refused. Catches the API dropping them."""
+  with pytest.raises(InputError, match=r"never reads `tools`"):
+    chatml_model.chat_prompt(HI, tools=[WEATHER])
+  with pytest.raises(InputError, match=r"never reads `documents`"):
+    chatml_model.chat(HI, documents=[{"text": "Rain."}], max_new_tokens=1)
 
 
 def test_inst_prompt_holds_one_bos(tmp_path):
