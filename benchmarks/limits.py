@@ -96,4 +96,4 @@ def seconds_at_flop_limit(fn, args_list, flops: float, size: int, dtype,
   return {"ratio": statistics.median(ratios), "ratios": ratios,
           "seconds": statistics.median(fn_times), "times": fn_times,
           "flops_per_s": matmul_flops_each / statistics.median(matmul_times),
-          "matmul_times": matmul_times, "matmul_size": size}
+          "matmul_times": matmul_times}

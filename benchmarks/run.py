@@ -176,8 +176,6 @@ def _settings(args) -> Settings:
       mesh=sharding.parse_mesh(args.mesh) if args.mesh else None, parts=args.only)
 
 
-# --- Random weights, made on the device. ---
-
 # --- Measurements. ---
 
 def _tokens(rng: np.random.Generator, config: ModelConfig, shape) -> np.ndarray:

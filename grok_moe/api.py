@@ -460,8 +460,8 @@ class Model:
     or at one of `stop`, which are not included; it is the model's text otherwise
     unchanged (a leading space after Grok-2's "Assistant:" stays). `tools` and
     `documents` are passed to the template (`chat_prompt`); a tool call comes back as
-    the model writes it, not parsed. InputError for bad messages; TokenizerError without a chat template or tokenizer, or when the template
-    refuses the messages.
+    the model writes it, not parsed. InputError for bad messages; TokenizerError
+    without a chat template or tokenizer, or when the template refuses the messages.
 
     Example:
       >>> model.chat([{"role": "user", "content": "Hi"}], temperature=0)
