@@ -143,7 +143,7 @@ def attend(q, keys, values, mask, config: ModelConfig, plan: ShardingPlan, *, la
         keys, values = (jnp.take(a, kv_index, axis=2) for a in (keys, values))   # [B, S, H/n, d]
     local = config.replace(num_q_heads=local_heads, num_kv_heads=local_kv)
     return attention.attend(q, keys, values, mask, local, layer=layer if read_layer else None,
-                            temperature=temperature, chunk=chunk)                             # [B, T, H/n*d]
+                            temperature=temperature, chunk=chunk)          # [B, T, H/n*d]
 
   in_specs = (P(rows, None, MODEL, None), kv_spec, kv_spec, P(rows, None, None), P(),
               None if temperature is None else P(rows, None))
