@@ -2,19 +2,21 @@
 
 Per decoder layer a token uses the attention projections query, key, value
 and linear (the output projection), the router, k of the E experts' three
-matrices, and four RMSNorm scales; after the layers, the final norm scale and
-the output projection, which multiplies by the whole embedding table [V, D]
-(the input lookup reads one row of it).
+matrices, the shared expert and the dense MLP where the config has them, and
+its RMSNorm scales; after the layers, the final norm scale and the output
+projection [V, D]: the embedding table when tied (the input lookup reads one
+row of it), else lm_head.
 
 - Active parameters (for FLOPs) count the matrix weights a token is
-  multiplied by: attention 4 matrices, router, k experts x 3 matrices, and the
-  V x D output projection. Each costs 2 FLOPs per token (multiply, add).
+  multiplied by: attention 4 matrices, router, k experts x 3 matrices, the
+  shared expert and dense MLP where present, and the V x D output projection. Each costs 2 FLOPs per token (multiply, add).
   Norm scales, RoPE, the softmax and the attention scores over the cache are
   not counted (scores: 4 * S * H * d FLOPs a layer, under 1% at S = 256 here).
 - Bytes per decoded token (batch 1) count every weight byte the token reads,
   as the weights are stored: int8 values plus their bfloat16 scales, float32
-  router, norm scales and embeddings (V x D for the output projection plus
-  one row for the input), for k experts a layer. The KV cache is not a weight
+  router, norm scales and embeddings (V x D for a tied output projection plus
+  one row for the input; one row alone when lm_head is the output
+  projection), for k experts a layer. The KV cache is not a weight
   and is reported on its own (`cache_bytes_read`).
 """
 

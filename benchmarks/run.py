@@ -2,10 +2,10 @@
 
   python -m benchmarks.run [--quick] [--json PATH] [--dtype float32]
                            [--residency int8|bfloat16|float32] [--grok1-width]
-                           [--only PART[,PART...]]
+                           [--config PRESET] [--only PART[,PART...]]
 
-One run measures, on the BENCH config (or Grok-1 width with --grok1-width)
-with random int8 weights:
+One run measures, on the BENCH config (or a preset's model with --config;
+--grok1-width is --config grok-1) with random int8 weights:
 
 - the machine's limits: read bandwidth (a float32 sum over 1 GiB) and matmul
   FLOP/s (a square matmul in the activation dtype);

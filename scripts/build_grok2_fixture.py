@@ -8,8 +8,9 @@ three expert kinds split over 8 `pytorch_model-NNNNN-TP-RRR.safetensors` rank
 files, everything else in `-TP-common` files, float32), and a byte-level
 `tokenizer.tok.json`. With it, `python run.py --checkpoint
 tests/data/families/grok2 --prompt ...` runs Grok-2's layout end to end, and
-tests/test_grok2_checkpoint.py checks that the files are exactly what this
-recipe gives.
+tests/test_grok2_checkpoint.py checks that the weight files and config.json are
+exactly what the package's writer gives for CONFIG and SEED (the tokenizer file
+is copied, not rebuilt there: tests do not import scripts/).
 
 CONFIG is TINY_GROK_2 with 8 query heads (2, 4 and 8 devices split them), an
 expert FFN of 24 (2, 3, 4 and 8 ranks split it) and a vocabulary of 263: the

@@ -126,6 +126,23 @@ def relative_error(actual, expected) -> float:
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
+def scaled_error(got, want) -> float:
+  """max |got - want| / std(want): an error in units of the reference logits' spread."""
+  return float(np.max(np.abs(np.asarray(got) - want)) / np.std(want))
+
+
+def dequantized(leaf) -> np.ndarray:
+  """A float leaf as float32, an int8 one as weight * scales in float32 (exact), computed
+  here in NumPy, independently of grok_moe.quant."""
+  if not isinstance(leaf, QuantizedWeight):
+    return np.asarray(leaf, np.float32)
+  weight, scales = np.asarray(leaf.weight), np.asarray(leaf.scales).astype(np.float32)
+  *batch, rows, cols = weight.shape
+  blocks = scales.shape[-2]
+  blocked = weight.astype(np.float32).reshape(*batch, blocks, rows // blocks, cols)
+  return (blocked * scales[..., :, None, :]).reshape(weight.shape)         # [..., K, N]
+
+
 
 TOKENIZER_TEXT = ["ROMEO: But soft, what light through yonder window breaks?",
                   "JULIET: O Romeo, Romeo, wherefore art thou Romeo?",

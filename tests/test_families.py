@@ -30,6 +30,7 @@ import pytest
 from grok_moe import hf_checkpoint, model, sampling, sharding
 from grok_moe import params as param_table
 from grok_moe.errors import CheckpointError
+from tests import helpers
 
 FAMILIES_DIR = pathlib.Path(__file__).parent / "data" / "families"
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -44,10 +45,6 @@ def loaded(family: str):
   return config, params, reference
 
 
-def _scaled_error(got, want) -> float:
-  return float(np.max(np.abs(np.asarray(got) - want)) / np.std(want))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_routing_equal_transformers(family):
   """The padded batch's logits at every real position within 1e-4 of the reference's
@@ -58,7 +55,7 @@ def test_logits_and_routing_equal_transformers(family):
   real = ref["attention_mask"].astype(bool)                                   # [B, T]
   out = model.forward(params, ref["input_ids"], config, dtype=jnp.float32, token_valid=real,
                       return_routing=True)
-  assert _scaled_error(np.asarray(out.logits)[real], ref["logits"][real]) < TOLERANCE
+  assert helpers.scaled_error(np.asarray(out.logits)[real], ref["logits"][real]) < TOLERANCE
 
   batch, length = real.shape
   router_logits = ref["router_logits"].reshape(config.num_layers, batch, length, -1)  # [L, B, T, E]
@@ -88,7 +85,7 @@ def test_greedy_continuations_and_cached_logits_equal_transformers(family):
   tokens = np.stack([step.tokens for step in steps], axis=1)
   np.testing.assert_array_equal(tokens, ref["greedy"])
   for i, step in enumerate(steps):
-    assert _scaled_error(step.logits, ref["greedy_scores"][:, i]) < TOLERANCE, i
+    assert helpers.scaled_error(step.logits, ref["greedy_scores"][:, i]) < TOLERANCE, i
 
 
 # (family, (data, model) mesh, MoE mode): every family in both modes. The model axis must
@@ -106,7 +103,7 @@ SHARDED_CASES = [
 @functools.lru_cache(maxsize=None)
 def loaded_sharded(family: str, mesh_shape: tuple[int, int], mode: str):
   """(plan, params) of a family's fixture loaded straight into the shards of a mesh."""
-  config = hf_checkpoint.model_config(hf_checkpoint.read_hf_config(FAMILIES_DIR / family))
+  config = loaded(family)[0]
   devices = jax.devices()[:math.prod(mesh_shape)]
   plan = sharding.ShardingPlan(config, sharding.make_mesh(*mesh_shape, devices=devices), mode)
   _, params = hf_checkpoint.load(FAMILIES_DIR / family, sharding=plan)
@@ -137,7 +134,7 @@ def test_sharded_loading_and_forward_equal_transformers(family, mesh_shape, mode
     assert leaf.sharding.spec == plan.weight_spec(path), path
   logits = model.forward(params, ref["input_ids"], config, dtype=jnp.float32,
                          token_valid=real, sharding=plan).logits
-  assert _scaled_error(sharding.fetch(logits)[real], ref["logits"][real]) < TOLERANCE
+  assert helpers.scaled_error(sharding.fetch(logits)[real], ref["logits"][real]) < TOLERANCE
 
 
 def test_sharded_greedy_continuations_equal_transformers():
@@ -159,7 +156,7 @@ def test_sharded_greedy_continuations_equal_transformers():
   tokens = np.stack([step.tokens for step in steps], axis=1)
   np.testing.assert_array_equal(tokens, ref["greedy"])
   for i, step in enumerate(steps):
-    assert _scaled_error(sharding.fetch(step.logits), ref["greedy_scores"][:, i]) < TOLERANCE, i
+    assert helpers.scaled_error(sharding.fetch(step.logits), ref["greedy_scores"][:, i]) < TOLERANCE, i
 
 
 def test_config_mapping_sets_each_familys_switches():
@@ -230,7 +227,7 @@ def test_a_family_saves_in_the_release_format_and_loads_back(tmp_path):
   real = ref["attention_mask"].astype(bool)
   logits = model.forward(reloaded, ref["input_ids"], config, dtype=jnp.float32,
                          token_valid=real).logits
-  assert _scaled_error(np.asarray(logits)[real], ref["logits"][real]) < 0.1
+  assert helpers.scaled_error(np.asarray(logits)[real], ref["logits"][real]) < 0.1
 
 
 @pytest.mark.parametrize("mesh_shape, mode", [(None, None), ((1, 2), "tensor")])
@@ -261,4 +258,4 @@ def test_int8_on_the_way_in_stays_close_to_transformers(mesh_shape, mode):
   real = ref["attention_mask"].astype(bool)
   logits = model.forward(params, ref["input_ids"], config, dtype=jnp.float32, token_valid=real,
                          sharding=plan).logits
-  assert _scaled_error(sharding.fetch(logits)[real], ref["logits"][real]) < 0.1
+  assert helpers.scaled_error(sharding.fetch(logits)[real], ref["logits"][real]) < 0.1

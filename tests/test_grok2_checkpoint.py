@@ -35,6 +35,7 @@ from grok_moe.config import GROK_2, TINY_GROK_2, ModelConfig
 from grok_moe.errors import CheckpointError, TokenizerError
 from grok_moe.safetensors_file import SafetensorsFile, write_safetensors
 from grok_moe.tokenizer import TiktokenTokenizer, open_tokenizer
+from tests import helpers
 
 CONFIG = TINY_GROK_2.replace(num_q_heads=8, expert_ffn_size=24, vocab_size=263,
                              widening_factor=24 / 40, bos_token=2)  # as config.json gives it
@@ -42,7 +43,6 @@ SEED = 3
 # The committed checkpoint of CONFIG's random params (SEED) in Grok-2's layout, written by
 # scripts/build_grok2_fixture.py with the package's own writer.
 FIXTURE_DIR = pathlib.Path(__file__).parent / "data" / "families" / "grok2"
-SPECIAL_TOKENS = ("<|pad|>", "<|separator|>", "<|eos|>")  # ids 0, 1, 2: EOS is Grok-2's 2
 
 
 # --- The fixture: a tiny checkpoint in Grok-2's layout. ---
@@ -253,7 +253,7 @@ def test_loads_straight_into_a_meshs_shards(grok2_dir, source_logits, mesh_shape
   if run_forward:
     got = sharding.fetch(model.forward(params, TOKENS, config, dtype=jnp.float32,
                                        sharding=plan).logits)
-    error = np.max(np.abs(got - source_logits)) / np.std(source_logits)
+    error = helpers.scaled_error(got, source_logits)
     print(f"1x8 sharded logits: {error:.2e} of the spread")
     assert error < 1e-5
 
@@ -425,10 +425,7 @@ def test_int8_params_save_dequantized_and_split_by_rank(tmp_path):
   checkpoint.save_checkpoint(param_table.unflatten(flat), tmp_path, config,
                              format="safetensors", ranks=3, progress=False)
   _, loaded = hf_checkpoint.load(tmp_path)
-  want = {path: (leaf.weight * leaf.scales.astype(np.float32).repeat(                # [..., K, N]
-              leaf.weight.shape[-2] // leaf.scales.shape[-2], axis=-2)
-                 if isinstance(leaf, quant.QuantizedWeight) else leaf)
-          for path, leaf in flat.items()}
+  want = {path: helpers.dequantized(leaf) for path, leaf in flat.items()}
   _assert_params_equal(loaded, param_table.unflatten(want))
 
 

@@ -26,6 +26,7 @@ from grok_moe import params as param_table
 from grok_moe.config import TINY
 from grok_moe.errors import CheckpointError
 from grok_moe.safetensors_file import SafetensorsFile, header_bytes
+from tests import helpers
 
 FAMILIES_DIR = pathlib.Path(__file__).parent / "data" / "families"
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -162,18 +163,6 @@ def test_header_is_padded_to_8_bytes_and_the_data_is_contiguous():
   assert [header[name]["dtype"] for name, _, _ in entries] == ["BF16", "F32", "I8"]
 
 
-def _dequantized(leaf) -> np.ndarray:
-  """A float leaf as float32, an int8 one as weight * scales in float32 (exact), computed
-  here in NumPy, independently of grok_moe.quant."""
-  if not isinstance(leaf, quant.QuantizedWeight):
-    return np.asarray(leaf, np.float32)
-  weight, scales = np.asarray(leaf.weight), np.asarray(leaf.scales).astype(np.float32)
-  *batch, rows, cols = weight.shape
-  blocks = scales.shape[-2]
-  blocked = weight.astype(np.float32).reshape(*batch, blocks, rows // blocks, cols)
-  return (blocked * scales[..., :, None, :]).reshape(weight.shape)         # [..., K, N]
-
-
 def test_int8_weights_are_dequantized_exactly_to_float32(tmp_path):
   """Int8 QuantizedWeight params come out as float32 equal to dequantize() (exactly).
   Catches int8 bytes written as they are and scales applied over the wrong rows."""
@@ -191,7 +180,7 @@ def test_int8_weights_are_dequantized_exactly_to_float32(tmp_path):
   assert any(isinstance(leaf, quant.QuantizedWeight) for leaf in flat.values())
   for path, leaf in param_table.flatten(loaded).items():
     assert leaf.dtype == np.float32, path
-    assert np.array_equal(np.asarray(leaf), _dequantized(flat[path])), path
+    assert np.array_equal(np.asarray(leaf), helpers.dequantized(flat[path])), path
 
 
 def test_dtype_bfloat16_writes_every_tensor_rounded_once_and_it_loads(tmp_path):
@@ -396,7 +385,7 @@ def test_convert_goes_to_the_release_format_and_back_with_the_tokenizer(tmp_path
     original = np.asarray(param_table.flatten(params)[spec.path])
     want = original
     if spec.quantized:
-      want = _dequantized(quant.quantize(original, spec.blocks_for_rows(original.shape[-2])))
+      want = helpers.dequantized(quant.quantize(original, spec.blocks_for_rows(original.shape[-2])))
     assert np.array_equal(np.asarray(loaded[spec.path]), want), spec.path
   for directory in ("release", "back"):
     assert ((tmp_path / directory / "tokenizer.json").read_bytes()
