@@ -28,8 +28,8 @@ from grok_moe.sharding import ShardingPlan, fetch
 from grok_moe.tokenizer import TextStream, Tokenizer, open_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json",  # SentencePiece, Hugging Face,
-                   "tokenizer.tok.json")              # Grok-2's tiktoken file
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json",           # SentencePiece, Hugging Face,
+                   chat_templates.GROK2_TOKENIZER_FILE)       # Grok-2's tiktoken file
 SEED_LIMIT = 2 ** 32  # PRNGKey keeps the low 32 bits of a seed: larger ones repeat smaller ones
 
 # Token ids: one prompt (a list of ids or a [T] array), or a batch (lists, or a [B, T] array).
@@ -407,10 +407,9 @@ class Model:
   def _require_chat_template(self) -> ChatTemplate:
     if self.chat_template is None:
       raise TokenizerError(
-          f"this checkpoint has no chat template (no {chat_templates.TEMPLATE_FILE}, no "
-          f"chat_template in {chat_templates.TOKENIZER_CONFIG_FILE} and no "
-          f"{chat_templates.GROK2_TOKENIZER_FILE} beside it): use generate() with a prompt in "
-          "the model's own format, or pass chat_template= to Model.from_checkpoint")
+          f"this checkpoint has no chat template ({chat_templates.NO_TEMPLATE_FILES} beside "
+          "it): use generate() with a prompt in the model's own format, or pass "
+          "chat_template= to Model.from_checkpoint")
     return self.chat_template
 
   def chat_prompt(self, messages: Sequence[Mapping[str, str]], *,
@@ -441,11 +440,10 @@ class Model:
                   documents: Sequence[Any] | None = None) -> Iterator[str]:
     """Yields the assistant's reply to `messages` piece by piece (see `chat`)."""
     prompt = self.chat_prompt(messages, tools=tools, documents=documents)
-    stops = _stop_strings(stop) + self.chat_stop_strings()
-    settings = _sampling_config(max_new_tokens, temperature, top_p, top_k, seed)
-    for (piece,) in self._stream_rows([prompt], stops, truncate, settings):
-      if piece:
-        yield piece
+    yield from self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, top_k=top_k, seed=seed,
+                           stop=_stop_strings(stop) + self.chat_stop_strings(),
+                           truncate=truncate)
 
   def chat(self, messages: Sequence[Mapping[str, str]], *, max_new_tokens: int = 64,
            temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
@@ -455,7 +453,9 @@ class Model:
 
     The messages are rendered with the checkpoint's chat template and a generation
     prompt (`chat_prompt`), encoded as they are (the template writes any BOS itself;
-    special-token text becomes the special token), and completed as `generate` does.
+    special-token text becomes the special token with a tokenizer.json or
+    tokenizer.tok.json tokenizer; SentencePiece reads it as plain text), and completed as
+    `generate` does.
     The reply ends at the model's EOS id, at a chat stop string (`chat_stop_strings`)
     or at one of `stop`, which are not included; it is the model's text otherwise
     unchanged (a leading space after Grok-2's "Assistant:" stays). `tools` and

@@ -62,6 +62,9 @@ MAX_EXPONENT = 1_000               # `a ** b` in a template
 MAX_RENDER_SECONDS = 10.0          # a template's rendering (a real one takes milliseconds)
 MAX_PROMPT_CHARS = 16 * 1024 * 1024  # the text a template writes
 ERROR_CHARS = 300                  # a template's error message, shortened to one line
+# Where a template is looked for, for the error that finds none.
+NO_TEMPLATE_FILES = (f"no {TEMPLATE_FILE}, no chat_template in {TOKENIZER_CONFIG_FILE}, "
+                     f"no {GROK2_TOKENIZER_FILE}")
 
 # Grok-2's chat format (docs/GROK2_SPEC.md, "Chat template"): a user or system turn is
 # stripped of surrounding whitespace, an assistant turn is not; each ends in
@@ -412,8 +415,8 @@ def find_chat_template(directory) -> ChatTemplate | None:
   template_path = directory / TEMPLATE_FILE
   if template_path.is_file():
     source, origin = _read_text(template_path), str(template_path)
-  elif _template_field(config.get("chat_template"), config_path) is not None:
-    source, origin = _template_field(config["chat_template"], config_path), str(config_path)
+  elif (field := _template_field(config.get("chat_template"), config_path)) is not None:
+    source, origin = field, str(config_path)
   elif (directory / GROK2_TOKENIZER_FILE).is_file():
     return ChatTemplate(GROK2_CHAT_TEMPLATE,
                         f"Grok-2's chat format (built in, for {directory / GROK2_TOKENIZER_FILE})",
@@ -431,8 +434,7 @@ def read_chat_template(path) -> ChatTemplate:
   if path.is_dir():
     template = find_chat_template(path)
     if template is None:
-      raise TokenizerError(f"{path} has no chat template (no {TEMPLATE_FILE}, no chat_template "
-                           f"in {TOKENIZER_CONFIG_FILE}, no {GROK2_TOKENIZER_FILE})")
+      raise TokenizerError(f"{path} has no chat template ({NO_TEMPLATE_FILES})")
     return template
   if not path.is_file():
     raise TokenizerError(f"chat template not found: {path}")

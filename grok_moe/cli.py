@@ -333,10 +333,10 @@ def complete(args) -> int:
     chat_template = api.find_chat_template(checkpoint, tokenizer_path)
     if chat_template is None:
       raise grok_moe.TokenizerError(
-          f"--chat: {checkpoint} has no chat template (no chat_template.jinja, no "
-          "chat_template in tokenizer_config.json, no tokenizer.tok.json); leave out --chat "
-          "to complete the prompt as it is")
-    chat_template.render(messages, add_generation_prompt=True)  # refusals stop before loading
+          f"--chat: {checkpoint} has no chat template ({grok_moe.chat.NO_TEMPLATE_FILES}); "
+          "leave out --chat to complete the prompt as it is")
+    # Rendered before loading, so that a template's refusal stops the command first.
+    chat_prompt = chat_template.render(messages, add_generation_prompt=True)
   dtype = api.default_dtype(mesh) if args.dtype == "auto" else args.dtype
   settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -357,7 +357,7 @@ def complete(args) -> int:
     warnings.showwarning = _say_warnings_in_one_line(say)
     warnings.simplefilter("always", grok_moe.errors.UnknownCharactersWarning)
     # Names the unknown characters before the prompt is echoed.
-    model.encode(model.chat_prompt(messages) if args.chat else prompt)
+    model.encode(chat_prompt if args.chat else prompt)
     warnings.simplefilter("ignore", grok_moe.errors.UnknownCharactersWarning)  # stream: again
     if args.chat:
       pieces = model.chat_stream(messages, stop=args.stop, truncate=args.truncate, **settings)

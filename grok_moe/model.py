@@ -68,7 +68,7 @@ class _Layer:
   size and the attention's cache chunk."""
 
   def __init__(self, config: ModelConfig, plan: ShardingPlan | None, tile_size: int | None,
-               attention_chunk: int = attention.DEFAULT_ATTENTION_CHUNK):
+               attention_chunk: int):
     self.config, self.plan, self.tile_size = config, plan, tile_size
     self.attention_chunk = attention_chunk
 
@@ -266,7 +266,7 @@ class Transformer(hk.Module):
   """The decoder layers, their weights stacked [L, ...] and run by one `lax.scan`."""
 
   def __init__(self, config: ModelConfig, plan: ShardingPlan | None, tile_size: int | None,
-               attention_chunk: int = attention.DEFAULT_ATTENTION_CHUNK):
+               attention_chunk: int):
     super().__init__(name="transformer")
     self.ctx = _Layer(config, plan, tile_size, attention_chunk)
 

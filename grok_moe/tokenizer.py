@@ -166,7 +166,6 @@ class TiktokenTokenizer(Tokenizer):
     except (ValueError, AssertionError) as error:  # tiktoken: a pattern that does not compile
       raise TokenizerError(f"{self.path}: tiktoken refuses it ({error}); the file is "
                            "corrupt") from None
-    self.special_tokens = special
 
   @property
   def vocab_size(self) -> int:
