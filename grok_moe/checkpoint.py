@@ -322,8 +322,8 @@ def load_checkpoint(path, config: ModelConfig | None = None, *,
 
 def _release_leaf(name: str, leaf):
   """`leaf` in the release's form as numpy: float32, or int8 + bfloat16 scales."""
-  row_blocks = param_table.row_blocks_for(name)
-  if row_blocks is None:
+  spec = param_table.spec_of(name)
+  if spec.row_blocks is None:
     if isinstance(leaf, quant.QuantizedWeight) or not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise CheckpointError(f"{name} must be a float array (the release keeps it "
                             f"float32), got {_describe_leaf(leaf)}.")
@@ -338,7 +338,7 @@ def _release_leaf(name: str, leaf):
   if not jnp.issubdtype(leaf.dtype, jnp.floating):
     raise CheckpointError(f"{name} must be a float array or a QuantizedWeight, "
                           f"got {_describe_leaf(leaf)}.")
-  row_blocks = param_table.spec_of(name).blocks_for_rows(leaf.shape[-2])
+  row_blocks = spec.blocks_for_rows(leaf.shape[-2])
   try:
     return quant.quantize(np.asarray(leaf, dtype=np.float32), row_blocks)
   except ValueError as error:
@@ -423,8 +423,7 @@ def save_checkpoint(params, path, config: ModelConfig, *, overwrite: bool = Fals
   root = pathlib.Path(path)
   if root.name == TENSOR_DIR:
     root = root.parent
-  if ((root / TENSOR_DIR).exists() or (root / CONFIG_FILE).exists()
-      or hf_save.existing_checkpoint(root)) and not overwrite:
+  if hf_save.existing_checkpoint(root) and not overwrite:  # ckpt-0, config.json, ...
     raise CheckpointError(f"{root} already holds a checkpoint; pass overwrite=True "
                           "to replace it, or choose another directory.")
   with checkpoint_dir.staged_save(root, config.to_json()) as staged_tensors:

@@ -179,6 +179,14 @@ def remove_leftovers(root) -> None:
 
 # --- Saving. ---
 
+def write_synced(path: pathlib.Path, text: str) -> None:
+  """Write `text` (UTF-8) to the file `path` and fsync it."""
+  with open(path, "w", encoding="utf-8") as file:
+    file.write(text)
+    file.flush()
+    os.fsync(file.fileno())
+
+
 def _fsync_directory(path: pathlib.Path) -> None:
   descriptor = os.open(path, os.O_RDONLY)
   try:
@@ -285,10 +293,7 @@ def staged_save(root, config_json: str, *, published: Callable[[str], bool] | No
     _make_readable_by_all(version)
     try:
       yield version
-      with open(version / CONFIG_FILE, "w") as file:
-        file.write(config_json)
-        file.flush()
-        os.fsync(file.fileno())
+      write_synced(version / CONFIG_FILE, config_json)
       _fsync_directory(version)
     except BaseException:
       shutil.rmtree(version, ignore_errors=True)

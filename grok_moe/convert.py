@@ -26,19 +26,19 @@ import shutil
 import sys
 import uuid
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+from grok_moe import api, checkpoint, hf_checkpoint, hf_save
+from grok_moe.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from grok_moe.errors import CheckpointError, GrokMoeError
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from grok_moe import hf_save
   parser = argparse.ArgumentParser(
       prog="python -m grok_moe.convert",
       description="Save a checkpoint in the other format: the release's int8 tensors, or a "
                   "Hugging Face safetensors checkpoint of the model's family.")
   parser.add_argument("source", metavar="SRC", help="the checkpoint to read (a directory)")
   parser.add_argument("destination", metavar="DST", help="the directory to write")
-  parser.add_argument("--format", choices=("release", "safetensors"), required=True,
+  parser.add_argument("--format", choices=checkpoint.SAVE_FORMATS, required=True,
                       help="release: int8 weights, one pickled tensor per file; safetensors: "
                       "the family's Hugging Face layout")
   parser.add_argument("--dtype", choices=hf_save.DTYPES,
@@ -56,25 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def copy_tokenizer(source: pathlib.Path, destination: pathlib.Path) -> list[str]:
+def copy_tokenizer(source: pathlib.Path, destination: pathlib.Path) -> None:
   """Copy the tokenizer files beside `source` that `destination` lacks (each to a
-  temporary name, then renamed); returns their names."""
-  from grok_moe import api, checkpoint
+  temporary name, then renamed)."""
   root = source.parent if source.name == checkpoint.TENSOR_DIR else source
-  copied = []
   for name in api.TOKENIZER_FILES:
     if (root / name).is_file() and not (destination / name).exists():
       temporary = destination / f".{name}.{uuid.uuid4().hex}"
       shutil.copyfile(root / name, temporary)
       os.replace(temporary, destination / name)
-      copied.append(name)
-  return copied
 
 
 def convert(args: argparse.Namespace) -> pathlib.Path:
   """Load SRC, save it to DST in the format asked; returns DST."""
-  from grok_moe import checkpoint, hf_checkpoint
-  from grok_moe.errors import CheckpointError
   source = pathlib.Path(args.source)
   if not source.is_dir():
     raise CheckpointError(f"{source} is not a checkpoint directory")
@@ -85,13 +79,9 @@ def convert(args: argparse.Namespace) -> pathlib.Path:
     _, params = hf_checkpoint.load(source, config)
   else:
     params = checkpoint.load_checkpoint(source, config)
-  options = {name: value for name, value in (("dtype", args.dtype),
-                                              ("max_shard_bytes", args.max_shard_bytes),
-                                              ("ranks", args.ranks))
-             if value is not None}  # the release format refuses them
-  destination = checkpoint.save_checkpoint(params, args.destination, config,
-                                           format=args.format, overwrite=args.overwrite,
-                                           **options)
+  destination = checkpoint.save_checkpoint(
+      params, args.destination, config, format=args.format, overwrite=args.overwrite,
+      dtype=args.dtype, max_shard_bytes=args.max_shard_bytes, ranks=args.ranks)
   copy_tokenizer(source, destination)
   return destination
 
@@ -99,7 +89,6 @@ def convert(args: argparse.Namespace) -> pathlib.Path:
 def main(argv: list[str] | None = None) -> int:
   """The exit status of converting as `argv` (default: sys.argv[1:]) says."""
   args = build_parser().parse_args(argv)
-  from grok_moe.errors import GrokMoeError
   try:
     destination = convert(args)
   except GrokMoeError as error:

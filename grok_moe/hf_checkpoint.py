@@ -230,7 +230,10 @@ def _grok2(hf: dict) -> dict[str, Any]:
 _CONFIGS: dict[str, Callable[[dict], dict[str, Any]]] = {
     "mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "grok2": _grok2,
 }
-MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")  # the families found by model_type
+# The families found by model_type, with the architecture their config.json names.
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 def family(hf: dict) -> str | None:
@@ -261,10 +264,6 @@ def model_config(hf: dict, path="config.json") -> ModelConfig:
 
 
 # --- ModelConfig -> config.json: the inverse of the readers above. ---
-
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
-
 
 def _common_hf(config: ModelConfig, experts_field: str, ffn_field: str) -> dict[str, Any]:
   """The fields `_common` reads, from `config`. Hub spellings: top-level rope_theta, no

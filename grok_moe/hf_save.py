@@ -360,8 +360,5 @@ def _write_index(version: pathlib.Path, files: dict[str, list[HfTensor]]) -> Non
   total = sum(tensor.nbytes for shard in files.values() for tensor in shard)
   text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                     indent=2, sort_keys=True) + "\n"
-  with open(version / hf_checkpoint.INDEX_FILE, "w", encoding="utf-8") as file:
-    file.write(text)
-    file.flush()
-    os.fsync(file.fileno())
+  checkpoint_dir.write_synced(version / hf_checkpoint.INDEX_FILE, text)
 

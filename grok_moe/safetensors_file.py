@@ -138,13 +138,12 @@ def header_bytes(entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]]) -> by
 def write_safetensors(path, entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
                       read: Callable[[str], np.ndarray]) -> int:
   """Write the tensors `entries` (name, dtype, shape) into a new file `path`, each
-  tensor's values `read(name)`, asked for in order; fsynced. Returns the data's bytes.
+  tensor's values `read(name)`, asked for in order; fsynced.
 
   The file must not exist. A tensor that comes back of another dtype or shape
   than its entry is a CheckpointError naming it.
   """
   path = pathlib.Path(path)
-  total = 0
   with open(path, "xb") as file:
     file.write(header_bytes(entries))
     for name, dtype, shape in entries:
@@ -155,7 +154,5 @@ def write_safetensors(path, entries: Sequence[tuple[str, np.dtype, tuple[int, ..
                               f"{tuple(shape)}")
       data = np.ascontiguousarray(array, DTYPES[dtype_code(dtype)]).reshape(-1)
       file.write(memoryview(data.view(np.uint8)))
-      total += data.nbytes
     file.flush()
     os.fsync(file.fileno())
-  return total
