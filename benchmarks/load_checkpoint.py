@@ -47,6 +47,7 @@ import time
 
 import jax
 
+from benchmarks import process_memory
 from grok_moe import params as param_table
 from grok_moe import checkpoint, manifest, random_weights
 from grok_moe.config import BENCH
@@ -79,23 +80,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 def _status_mb(field: str) -> float:
   """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
-  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-    if line.startswith(field + ":"):
-      return int(line.split()[1]) * 1024 / MB  # kB
-  raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-  """Restart the peak RSS (VmHWM) at the current RSS (Linux >= 4.0).
-
-  VmHWM, not getrusage's ru_maxrss: a child's ru_maxrss also counts its
-  parent's RSS at the time of the fork, here the params just written.
-  """
-  try:
-    pathlib.Path("/proc/self/clear_refs").write_text("5")
-    return True
-  except OSError:
-    return False
+  value = process_memory.status_bytes(field)
+  if value is None:
+    raise KeyError(field)
+  return value / MB
 
 
 def _config_of_size(size_mb: float):
@@ -203,7 +191,7 @@ def _measure(root: pathlib.Path, workers: int, mode: str) -> dict:
   jax.block_until_ready(jax.device_put(0))  # start the backend before the baseline
   total_bytes = sum(path.stat().st_size for path in (root / "ckpt-0").iterdir())
   live_before = _live_array_bytes()
-  if not _reset_peak_rss():  # then the peak may be the imports' and `added` too low
+  if not process_memory.reset_peak_rss():  # then the peak may be the imports' and `added` too low
     print("warning: cannot reset the peak RSS", file=sys.stderr)
   rss_before = _status_mb("VmRSS")
   start = time.perf_counter()

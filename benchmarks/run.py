@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import counts, limits
+from benchmarks import counts, limits, process_memory
 from grok_moe import params as param_table
 from grok_moe import moe, quant, random_weights, sampling, sharded_ops, sharding
 from grok_moe.config import BENCH, PRESETS, ModelConfig
@@ -374,28 +374,8 @@ def measure_generate(params, settings: Settings, batch: int, rng, plan=None) -> 
           "tokens_per_s": statistics.median(generated) / seconds}
 
 
-def _status_bytes(field: str) -> int | None:
-  """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; None off Linux."""
-  try:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) * 1024  # kB
-  except OSError:
-    pass
-  return None
-
-
-def _reset_peak_rss() -> bool:
-  """Restart the peak RSS (VmHWM) at the current RSS (Linux >= 4.0)."""
-  try:
-    pathlib.Path("/proc/self/clear_refs").write_text("5")
-    return True
-  except OSError:
-    return False
-
-
 def _peak_rss_bytes() -> int:
-  peak = _status_bytes("VmHWM")
+  peak = process_memory.status_bytes("VmHWM")
   return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -442,8 +422,8 @@ def run(settings: Settings, log=print, seed: int = 0) -> dict:
   flops = limits.matmul_flops(settings.matmul_size, settings.dtype, settings.repeats)
   results["limits"] = {"read_bandwidth": bandwidth, "matmul": flops}
   # The limits' arrays are gone: from here the peak RSS is the model's.
-  peak_reset = _reset_peak_rss()
-  rss_before_weights = _status_bytes("VmRSS")
+  peak_reset = process_memory.reset_peak_rss()
+  rss_before_weights = process_memory.status_bytes("VmRSS")
 
   parts, params, plan = settings.parts, None, None
   if set(parts) - {"many-experts"}:  # the many-experts layer makes weights of its own

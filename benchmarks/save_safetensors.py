@@ -5,40 +5,34 @@
 For each layer count: bfloat16 params of a Mixtral-shaped model (Mixtral-8x7B's
 vocabulary, experts and heads' layout at width 1024, expert FFN 3584) are
 made on jax's default device (filled with constants: the values do not matter
-to the save), then saved into a temporary directory. A thread samples the
-process's resident memory every 5 ms; the row reports the peak during the
-save minus the resident memory just before it. The save takes one tensor at a
+to the save), then saved into a temporary directory. The row reports the
+process's peak resident memory during the save (VmHWM, restarted just before
+it) minus its resident memory just before it. The save takes one tensor at a
 time from the device, so that increase should not grow with the layers (on
 the CPU backend the params themselves are host memory, already counted
 before): it is compiled code and a few copies of the largest tensor.
 
-Measured on 2 shared CPU cores (load average 6):
+Measured on 2 shared CPU cores, 2026-12-02 (`python -m benchmarks.save_safetensors`):
 
 | layers | params (bf16) | files | save | rate | resident before | during save |
 | --- | --- | --- | --- | --- | --- | --- |
-| 2 | 494 MB | 1 | 4.7 s | 105 MB/s | 735 MB | +263 MB |
-| 8 | 1582 MB | 4 | 6.6 s | 242 MB/s | 1942 MB | +262 MB |
+| 2 | 494 MB | 1 | 2.3 s | 216 MB/s | 738 MB | +264 MB |
+| 8 | 1582 MB | 4 | 5.2 s | 303 MB/s | 1903 MB | +262 MB |
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import tempfile
-import threading
 import time
 
 import jax.numpy as jnp
 
+from benchmarks import process_memory
 from grok_moe import checkpoint
 from grok_moe import params as param_table
 from grok_moe.config import MIXTRAL_8X7B
-
-
-def resident_mb() -> float:
-  with open("/proc/self/statm") as file:
-    return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
 def measure(layers: int, max_shard_mb: int) -> str:
@@ -48,27 +42,20 @@ def measure(layers: int, max_shard_mb: int) -> str:
   flat = {spec.path: jnp.full(spec.stored_shape(config), 0.5 + i, jnp.bfloat16)
           for i, spec in enumerate(param_table.params_for(config))}
   total_mb = sum(array.nbytes for array in flat.values()) / 1e6
-  peak, stop = [0.0], threading.Event()
-
-  def sample():
-    while not stop.is_set():
-      peak[0] = max(peak[0], resident_mb())
-      time.sleep(0.005)
 
   with tempfile.TemporaryDirectory() as directory:
-    before = resident_mb()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if not process_memory.reset_peak_rss():
+      raise SystemExit("this benchmark needs Linux's /proc/self/clear_refs (Linux >= 4.0)")
+    before = process_memory.status_bytes("VmRSS") / 1e6
     start = time.perf_counter()
     root = checkpoint.save_checkpoint(param_table.unflatten(flat), pathlib.Path(directory) / "m",
                                       config, format="safetensors", progress=False,
                                       max_shard_bytes=max_shard_mb * 10**6)
     seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
+    peak = process_memory.status_bytes("VmHWM") / 1e6
     files = len(list(root.glob("*.safetensors")))
   return (f"| {layers} | {total_mb:.0f} MB | {files} | {seconds:.1f} s | "
-          f"{total_mb / seconds:.0f} MB/s | {before:.0f} MB | +{peak[0] - before:.0f} MB |")
+          f"{total_mb / seconds:.0f} MB/s | {before:.0f} MB | +{peak - before:.0f} MB |")
 
 
 def main() -> None:
