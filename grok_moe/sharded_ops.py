@@ -83,19 +83,20 @@ def matmul(x: jax.Array, w: quant.Weight, param: ParamSpec, plan: ShardingPlan,
   """x [B, ..., K] @ w[layer], w the stack [L, K, N] laid out by its logical axes; a
   Linear layer's matmul. `layer` is a traced index.
 
-  Column-split or unsplit w: a plain product left to XLA's partitioner, the
-  output laid out by w's columns (each device computes its columns from the
-  whole x). Row-split w (the attention output): under shard_map, x split on
-  K and the partial products summed over the model axis, because the
-  row-blocked scales may need cutting to each device's rows (`local_scales`),
-  which the partitioner cannot do.
+  Both under shard_map, each device multiplying by its own slice of w (the
+  native kernel is a custom call that XLA's partitioner cannot split: left to
+  the partitioner, it would gather the whole stack onto every device):
+  column-split or unsplit w: each device computes its columns from the whole
+  x. Row-split w (the attention output): x split on K and the partial
+  products summed over the model axis; the row-blocked scales may need
+  cutting to each device's rows (`local_scales`).
   """
   rows_axis, cols_axis = (plan.mesh_axis(axis) for axis in param.axes)
   lead = (plan.batch_axis(x.shape[0]),) + (None,) * (x.ndim - 2)
-  if rows_axis is None:
-    out = quant.matmul(x, w, index=layer)                                        # [B, ..., N]
-    return jax.lax.with_sharding_constraint(out, plan.sharding(P(*lead, cols_axis)))
   spec = _stacked_leaf_spec(plan, param, w)
+  if rows_axis is None:
+    return _shard_map(plan, lambda x, w, layer: quant.matmul(x, w, index=layer),
+                      (P(*lead, None), spec, P()), P(*lead, cols_axis))(x, w, layer)
   total_rows = x.shape[-1]
 
   def body(x, w, layer):
