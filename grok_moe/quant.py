@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from grok_moe import native as native_kernel
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedWeight:
@@ -70,24 +72,32 @@ def _as_index(index) -> tuple:
 
 
 def matmul(x: jax.Array, w: Weight, *, index=None, expert=None,
-           chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+           chunk_bytes: int = CHUNK_BYTES, native: bool = True) -> jax.Array:
   """x [..., K] @ w [K, N] -> [..., N] in x's dtype, dequantizing w inside the computation.
 
   With `index` (a tuple of ints or traced indices i1, i2, ...), w is a stack
   [I1, I2, ..., K, N] and x is multiplied by w[i1, i2, ...], read in place
   without copying that slice out first (`expert=e` is `index=(e,)`).
 
-  Two formulations, the same product within float32 rounding:
-  - dequantize w whole into x's dtype, then one matmul: right for many rows
-    of x (prefill, training), where the conversion is a small part of the
-    work (the slice of a stack fuses into that conversion);
-  - on CPU, for few rows (decode) of a weight that needs converting (int8, or
-    a float dtype other than x's) or is a slice of a stack,
+  Three formulations, the same product within float32 rounding:
+  - on CPU, for an int8 weight and float32 x, when the native kernel is
+    available (`fuses_int8`): `native.grouped_int8_matmul`, which converts
+    the int8 values inside its matmul and reads w[index] in place, for any
+    number of rows;
+  - otherwise, dequantize w whole into x's dtype, then one matmul: right for
+    many rows of x (prefill, training), where the conversion is a small part
+    of the work (the slice of a stack fuses into that conversion);
+  - otherwise on CPU, for few rows (decode) of a weight that needs converting
+    (int8, or a float dtype other than x's) or is a slice of a stack,
     `chunked_matmul` (chunks of about `chunk_bytes`): XLA on CPU would write
     a whole converted (or sliced) copy of w on every call, which costs
     several times the read of the int8 weight itself.
+  `native=False` keeps XLA's formulations. The native one is differentiable:
+  its derivatives are those of the dequantized product.
   """
   index = _as_index(index) + _as_index(expert)
+  if native and fuses_int8(x.dtype, w):
+    return _native_matmul(x, w, index)
   rows = math.prod(x.shape[:-1])
   in_place = isinstance(w, QuantizedWeight) or w.dtype != x.dtype or bool(index)
   if in_place and rows <= CHUNKED_MAX_ROWS and jax.default_backend() == "cpu":
@@ -95,6 +105,71 @@ def matmul(x: jax.Array, w: Weight, *, index=None, expert=None,
   if index:
     w = take(w, index)
   return jnp.matmul(x, dequantize(w, x.dtype), preferred_element_type=x.dtype)
+
+
+def fuses_int8(dtype, w: Weight) -> bool:
+  """Whether the native kernel can multiply x in `dtype` by w: an int8 weight, float32 x,
+  on CPU, with the kernel built (`native.available()`). It converts w's int8 values
+  inside its matmul, so that dequantizing w first would only add work."""
+  return (isinstance(w, QuantizedWeight) and jnp.dtype(dtype) == jnp.float32
+          and jax.default_backend() == "cpu" and native_kernel.available())
+
+
+def grouped_matmul(x: jax.Array, w: QuantizedWeight, group_sizes: jax.Array, index=None, *,
+                   rows=None, targets=None, row_scales=None,
+                   out_rows: int | None = None) -> jax.Array:
+  """Sorted rows in groups by the stack w [(I...,) G, K, N], in float32: the native
+  kernel's call (`native.grouped_int8_matmul`; needs `fuses_int8(x.dtype, w)`).
+
+  Sorted row a is x[rows[a]] (x's row a when rows is None); group g is the
+  next group_sizes[g] of them, multiplied by w[index + (g,)]. `index` (ints or
+  traced ints) picks the leading entries before the groups' axis (the layer of
+  a layer stack). Returns [A, N] (0 past the last group), or with `targets`
+  the products times row_scales added onto rows targets of [out_rows, N]
+  zeros. Not differentiable.
+  """
+  index = _as_index(index)
+  groups = w.weight.shape[len(index)]
+  stack_shape = w.weight.shape[:len(index)]
+  first = jnp.ravel_multi_index(index, stack_shape, mode="clip") * groups if index else 0
+  # The stacks as they are ([I..., G, K, N], [I..., G, R, N]): XLA on CPU may copy
+  # a reshaped stack, so the kernel flattens the leading axes itself.
+  return native_kernel.grouped_int8_matmul(x, w.weight, w.scales, group_sizes, first, rows=rows,
+                                           targets=targets, row_scales=row_scales,
+                                           out_rows=out_rows)
+
+
+def _native_matmul(x: jax.Array, w: QuantizedWeight, index: tuple) -> jax.Array:
+  """x [..., K] @ w[index] [K, N] -> [..., N] float32: the native kernel's one group."""
+  *lead, depth = x.shape
+  stack_shape = w.weight.shape[:len(index)]
+  flat = jnp.ravel_multi_index(index, stack_shape, mode="clip") if index else 0
+  out = _native_product(x.reshape(-1, depth), w.weight, w.scales,
+                        jnp.asarray(flat, jnp.int32))                        # [M, N]
+  return out.reshape(*lead, w.weight.shape[-1])                              # [..., N]
+
+
+@jax.custom_jvp
+def _native_product(x, weight, scales, flat):
+  """x [M, K] @ (weight [I..., K, N] * scales [I..., R, N] at their flat entry `flat`)
+  by the native kernel."""
+  return native_kernel.grouped_int8_matmul(x, weight, scales, jnp.full((1,), x.shape[0]), flat)
+
+
+@_native_product.defjvp
+def _native_product_jvp(primals, tangents):
+  """The native product's value, with the tangent of the dequantized product (written in
+  jnp, so that reverse mode can transpose it)."""
+  x, weight, scales, flat = primals
+  x_dot, _, scales_dot, _ = tangents
+
+  def dequantized_product(x, scales):
+    w = take(QuantizedWeight(weight.reshape(-1, *weight.shape[-2:]),
+                             scales.reshape(-1, *scales.shape[-2:])), flat)  # [K, N], [R, N]
+    return jnp.matmul(x, dequantize(w, jnp.float32))                        # [M, N]
+
+  _, out_dot = jax.jvp(dequantized_product, (x, scales), (x_dot, scales_dot))
+  return _native_product(x, weight, scales, flat), out_dot
 
 
 def _chunk_rows(block_rows: int, cols: int, itemsize: int, chunk_bytes: int) -> int:

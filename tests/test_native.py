@@ -1,0 +1,204 @@
+"""The native int8 grouped matmul (grok_moe/csrc/int8_matmul.cc) against float64 NumPy.
+
+The kernel packs weight panels of 48 columns, blocks of 256 weight rows,
+register tiles of 8 rows and row chunks of 256, so the sizes here are chosen
+to leave a remainder at each (a wrong mask, a dropped tail row or column, a
+block straddling a scale block, or a chunk boundary fails). Groups are checked
+in both output modes (rows in order, and the weighted scatter-add onto target
+rows), with gathered rows, empty groups, a stack offset, groups past the
+stack's end and rows past the last group. `quant.matmul`'s native path is
+held to its XLA formulation, values and gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grok_moe import native, quant
+from tests import helpers, oracle
+
+# float32 sums of at most 300 products against float64: ~1e-6 relative
+# measured; a wrong panel, tile, scale block or group is O(1).
+TOLERANCE = 1e-5
+
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+
+
+def _machine_lacks() -> str | None:
+  """What this machine lacks for the kernel, or None when it has all it needs."""
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return f"an x86-64 CPU (this is {platform.machine()})"
+  if shutil.which(os.environ.get("CXX", "c++")) is None:
+    return "a C++ compiler"
+  try:
+    flags = next(line for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("flags")).split()
+  except (OSError, StopIteration):
+    return "/proc/cpuinfo to read the CPU's flags from"
+  missing = [flag for flag in REQUIRED_FLAGS if flag not in flags]
+  return f"the CPU flags {missing}" if missing else None
+
+
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"native kernel: {native.unavailable_reason()}")
+
+
+def test_native_kernel_builds_where_the_machine_allows():
+  """A machine with a compiler and AVX-512 gets the kernel: a source that no longer
+  compiles, a wrong symbol or a failed registration fails here instead of silently
+  leaving every CPU user on XLA's slower path."""
+  lacks = _machine_lacks()
+  if lacks is not None:
+    pytest.skip(f"this machine lacks {lacks}")
+  assert native.available(), native.unavailable_reason()
+  assert native.unavailable_reason() is None
+
+
+def _stack(rng, count, depth, cols, blocks, float_scales=False):
+  w = helpers.random_weight(rng, (count, depth, cols), blocks)
+  if float_scales:
+    w = quant.QuantizedWeight(w.weight, np.asarray(w.scales, np.float32))
+  return w
+
+
+def _expected(x, w, group_sizes, first, rows=None, targets=None, row_scales=None,
+              out_rows=None):
+  """The grouped product in float64, straight from the definition."""
+  dense = oracle.dense_weight(w)                                     # [S, K, N]
+  x = np.asarray(x, np.float64)
+  sorted_rows = len(x) if rows is None else len(rows)
+  gathered = x if rows is None else x[np.asarray(rows)]
+  products = np.zeros((sorted_rows, dense.shape[-1]))
+  begin = 0
+  for g, size in enumerate(group_sizes):
+    entry = first + g
+    if entry >= len(dense):
+      break
+    end = min(sorted_rows, begin + size)
+    products[begin:end] = gathered[begin:end] @ dense[entry]
+    begin = end
+  if targets is None:
+    return products
+  scales = np.ones(sorted_rows) if row_scales is None else np.asarray(row_scales, np.float64)
+  out = np.zeros((out_rows, dense.shape[-1]))
+  np.add.at(out, np.asarray(targets), products * scales[:, None])
+  return out
+
+
+@needs_native
+@pytest.mark.parametrize("depth,cols,blocks,float_scales,group_sizes,first,stack", [
+    (37, 5, 1, False, [1], 0, 1),              # one row, 5 of a panel's 48 columns
+    (300, 100, 4, True, [13], 1, 3),           # 2 weight blocks, 8 + 5 row tiles, 2 panels + 4
+    (64, 49, 8, False, [0, 9, 0, 270, 3], 1, 6),  # empty groups, a group over a 256-row chunk
+    (16, 96, 1, False, [5, 7, 4], 4, 6),       # the last group is past the stack's end
+    (24, 48, 2, True, [3, 2], 0, 2),           # rows past the last group are 0
+])
+def test_grouped_rows_in_order(depth, cols, blocks, float_scales, group_sizes, first, stack):
+  """Each group's rows by its own weight, rows past the groups (or past the stack) 0.
+  Catches a wrong panel mask or offset, a dropped tile or chunk remainder, scales of
+  the wrong block or dtype, a group matched to the wrong stack entry, and garbage left
+  in rows that no group covers."""
+  rng = np.random.default_rng(depth + cols)
+  w = _stack(rng, stack, depth, cols, blocks, float_scales)
+  total = sum(group_sizes) + (4 if group_sizes == [3, 2] else 0)
+  x = rng.normal(size=(total, depth)).astype(np.float32)
+  got = np.asarray(jax.jit(native.grouped_int8_matmul)(
+      jnp.asarray(x), jnp.asarray(w.weight), jnp.asarray(w.scales), jnp.asarray(group_sizes),
+      first))
+  want = _expected(x, w, group_sizes, first)
+  assert got.shape == want.shape
+  assert helpers.relative_error(got, want) < TOLERANCE
+  assert np.all(got[np.all(want == 0, axis=1)] == 0)
+
+
+@needs_native
+@pytest.mark.parametrize("scatter", [False, True])
+def test_grouped_gathers_rows_and_scatter_adds(scatter):
+  """Rows gathered from x by index (with repeats), and with targets each product times
+  its row scale added onto its target row (several rows onto one target, and targets
+  that no row reaches stay 0). Catches a gather that ignores `rows`, a scatter that
+  overwrites instead of adding, a missing row scale, and two threads adding to one
+  element (the output is compared exactly against the float64 sum)."""
+  rng = np.random.default_rng(int(scatter))
+  depth, cols, tokens = 70, 130, 40
+  group_sizes = [30, 0, 41, 9]
+  w = _stack(rng, 4, depth, cols, blocks=2)
+  x = rng.normal(size=(tokens, depth)).astype(np.float32)
+  rows = rng.integers(0, tokens, size=sum(group_sizes)).astype(np.int32)
+  targets = row_scales = out_rows = None
+  if scatter:
+    out_rows = tokens + 3
+    targets = rng.integers(0, tokens, size=len(rows)).astype(np.int32)
+    row_scales = rng.uniform(0.1, 1.0, size=len(rows)).astype(np.float32)
+  call = jax.jit(native.grouped_int8_matmul, static_argnames="out_rows")
+  got = np.asarray(call(jnp.asarray(x), jnp.asarray(w.weight), jnp.asarray(w.scales),
+                        jnp.asarray(group_sizes), 0, rows=rows, targets=targets,
+                        row_scales=row_scales, out_rows=out_rows))
+  want = _expected(x, w, group_sizes, 0, rows, targets, row_scales, out_rows)
+  assert got.shape == want.shape
+  assert helpers.relative_error(got, want) < TOLERANCE
+  if scatter:
+    untouched = np.setdiff1d(np.arange(out_rows), targets)
+    assert len(untouched) and np.all(got[untouched] == 0)
+
+
+@needs_native
+def test_matmul_native_path_equals_xla_path_with_gradients():
+  """quant.matmul of a [L, E, K, N] stack at a traced (layer, expert): the native path's
+  value and its gradients in x and in the bfloat16 scales equal the XLA formulation's
+  (native=False). Catches the kernel reading another stack entry, and a custom JVP
+  whose tangent or transpose is wrong."""
+  rng = np.random.default_rng(3)
+  w = helpers.random_weight(rng, (2, 3, 90, 52), blocks=3)
+  w = quant.QuantizedWeight(jnp.asarray(w.weight), jnp.asarray(w.scales))
+  x = jnp.asarray(rng.normal(size=(2, 11, 90)).astype(np.float32))
+  cotangent = jnp.asarray(rng.normal(size=(2, 11, 52)).astype(np.float32))
+
+  def loss(x, scales, use_native):
+    y = quant.matmul(x, quant.QuantizedWeight(w.weight, scales), index=(jnp.int32(1), 2),
+                     native=use_native)                               # [2, 11, 52]
+    return jnp.sum(y * cotangent), y
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+  (native_dx, native_ds), native_y = grad(x, w.scales, True)
+  (xla_dx, xla_ds), xla_y = grad(x, w.scales, False)
+  assert helpers.relative_error(native_y, xla_y) < TOLERANCE
+  assert helpers.relative_error(native_dx, xla_dx) < TOLERANCE
+  native_ds, xla_ds = np.asarray(native_ds, np.float32), np.asarray(xla_ds, np.float32)
+  assert np.any(xla_ds[1, 2] != 0) and np.all(xla_ds[0] == 0)
+  assert helpers.relative_error(native_ds, xla_ds) < TOLERANCE
+  hlo = jax.jit(lambda x: quant.matmul(x, w, index=(0, 1))).lower(x).as_text()
+  assert native.TARGET in hlo
+
+
+def test_disabled_by_the_environment(monkeypatch):
+  """GROK_MOE_NATIVE=0 turns the kernel off, with that as the reason."""
+  monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+  library, reason = native._load.__wrapped__()
+  assert library is None and native.DISABLE_VARIABLE in reason
+
+
+def test_failed_build_names_the_error_and_leaves_no_library(monkeypatch, tmp_path):
+  """A source that does not compile makes the kernel unavailable with the compiler's
+  error as the reason, and leaves nothing in the cache directory (no half-written
+  library that a later process would load)."""
+  if shutil.which(os.environ.get("CXX", "c++")) is None:
+    pytest.skip("no C++ compiler")
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    pytest.skip("the build is only tried on x86-64")
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++;\n")
+  monkeypatch.setattr(native, "SOURCE", broken)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  monkeypatch.delenv(native.DISABLE_VARIABLE, raising=False)
+  library, reason = native._load.__wrapped__()
+  assert library is None and "error" in reason
+  assert [path for path in (tmp_path / "cache").rglob("*") if not path.is_dir()] == []
