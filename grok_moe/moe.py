@@ -46,19 +46,16 @@ ACTIVATIONS = {"gelu": jax.nn.gelu, "gelu_exact": functools.partial(jax.nn.gelu,
 
 
 def expert_ffn(x: jax.Array, w_in: quant.Weight, w_v: quant.Weight,
-               w_out: quant.Weight, activation: str = "gelu") -> jax.Array:
-  """One expert: (act(x @ W) * (x @ V)) @ O, act one of ACTIVATIONS. x [C, D] -> [C, D]."""
-  act = ACTIVATIONS[activation]
-  hidden = act(quant.matmul(x, w_in)) * quant.matmul(x, w_v)          # [C, F]
-  return quant.matmul(hidden, w_out)                                  # [C, D]
+               w_out: quant.Weight, activation: str = "gelu", index=None,
+               native: bool = True) -> jax.Array:
+  """One expert: (act(x @ W) * (x @ V)) @ O, act one of ACTIVATIONS. x [C, D] -> [C, D].
 
-
-def _indexed_expert_ffn(x, w_in, w_v, w_out, index, activation):
-  """expert_ffn with the expert at `index` of the stacks ([E, ...] or [L, E, ...]), read in
-  place. x [C, D] -> [C, D]."""
-  hidden = (ACTIVATIONS[activation](quant.matmul(x, w_in, index=index))
-            * quant.matmul(x, w_v, index=index))                             # [C, F]
-  return quant.matmul(hidden, w_out, index=index)                           # [C, D]
+  With `index`, the weights are stacks ([E, ...] or [L, E, ...]) and the expert
+  at `index` is read in place. `native` as in `quant.matmul`.
+  """
+  matmul = functools.partial(quant.matmul, index=index, native=native)
+  hidden = ACTIVATIONS[activation](matmul(x, w_in)) * matmul(x, w_v)    # [C, F]
+  return matmul(hidden, w_out)                                         # [C, D]
 
 
 def dense_moe(x, gates, expert_indices, w_in, w_v, w_out, activation: str = "gelu"):
@@ -171,8 +168,14 @@ def _active_experts(counts) -> tuple[jax.Array, jax.Array]:
 
 
 def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, layer=None,
-               activation: str = "gelu"):
+               activation: str = "gelu", native: bool = True):
   """Each token through its k selected experts only; no token is dropped.
+
+  With int8 weights and float32 x on CPU, where the native kernel is built
+  (`quant.fuses_int8`; `native=False` declines it), the forward pass is
+  `_grouped_moe_forward`: the sorted assignments go through three grouped
+  matmuls of the kernel, every expert's rows at once, and `tile_size` is
+  unused. Otherwise:
 
   Algorithm (A = N*k assignments, C rows a tile, at most N):
     1. Flatten the (token, expert, gate) assignments and sort them by expert
@@ -188,9 +191,11 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, la
     4. Each tile gathers its tokens, runs the expert's FFN, scales the rows by
        their gates and scatter-adds them back onto their tokens, undoing the
        sort. Padding rows carry gate 0.
-  Weights: with tiles of more than quant.CHUNKED_MAX_ROWS rows (prefill,
-  training) an expert's weights are dequantized once for all its tiles; with
-  fewer (decode) `quant.matmul` reads its int8 weights in place, chunk by chunk.
+  Weights: `quant.matmul` reads an expert's int8 weights in place, in the
+  native kernel (`quant.fuses_int8`) or, for tiles of at most
+  quant.CHUNKED_MAX_ROWS rows (decode), chunk by chunk; otherwise (tiles of
+  more rows without the native kernel: prefill, training) an expert's weights
+  are dequantized once for all its tiles.
   Work: A rows of FFN plus at most 7 padding rows per expert with rows,
   instead of the dense N*E.
 
@@ -212,13 +217,15 @@ def sparse_moe(x, gates, expert_indices, w_in, w_v, w_out, *, tile_size=None, la
   # NumPy inputs become arrays, which traced indices can index.
   arrays = jax.tree.map(jnp.asarray, (x, gates, expert_indices, w_in, w_v, w_out))
   layer = None if layer is None else jnp.asarray(layer, jnp.int32)
-  return _sparse_moe(_Static(tile_size, activation), layer, *arrays)
+  return _sparse_moe(_Static(tile_size, activation, native), layer, *arrays)
 
 
 class _Static(NamedTuple):
-  """The custom_vjp's static argument: the tile rows and the experts' activation."""
+  """The custom_vjp's static argument: the tile rows, the experts' activation and whether
+  the native kernel may be used."""
   tile_size: int | None
   activation: str
+  native: bool
 
 
 def _prefix(layer) -> tuple:
@@ -226,10 +233,31 @@ def _prefix(layer) -> tuple:
   return () if layer is None else (layer,)
 
 
+def _grouped_moe_forward(activation, layer, x, gates, expert_indices, w_in, w_v, w_out):
+  """`sparse_moe` as three grouped matmuls of the native kernel (`quant.grouped_matmul`).
+
+  The assignments sorted by expert are the rows, each expert's row count its
+  group: every expert's rows at once, with no tiles and no padding. The
+  kernel gathers the rows' tokens from x itself, and the down projection adds
+  each row's output times its gate onto its token.
+  """
+  num_experts = w_in.shape[-3]
+  assignments = _sort_assignments(gates, expert_indices, num_experts)
+  project = functools.partial(quant.grouped_matmul, group_sizes=assignments.counts,
+                              index=_prefix(layer))
+  hidden = (ACTIVATIONS[activation](project(x, w_in, rows=assignments.tokens))
+            * project(x, w_v, rows=assignments.tokens))                        # [A, F]
+  out = project(hidden, w_out, targets=assignments.tokens, row_scales=assignments.gates,
+                out_rows=x.shape[0])                                           # [N, D]
+  return out.astype(x.dtype)
+
+
 def _sparse_moe_forward(static, layer, x, gates, expert_indices, w_in, w_v, w_out):
   """`sparse_moe`'s algorithm, with tile_size and activation first (the custom_vjp's
   static argument)."""
-  tile_size, activation = static
+  tile_size, activation, native = static
+  if native and all(quant.fuses_int8(x.dtype, w) for w in (w_in, w_v, w_out)):
+    return _grouped_moe_forward(activation, layer, x, gates, expert_indices, w_in, w_v, w_out)
   num_tokens, width = x.shape
   num_experts = w_in.shape[-3]
   prefix = _prefix(layer)
@@ -247,8 +275,8 @@ def _sparse_moe_forward(static, layer, x, gates, expert_indices, w_in, w_v, w_ou
       ffn = functools.partial(expert_ffn, w_in=weights[0], w_v=weights[1], w_out=weights[2],
                               activation=activation)
     else:  # few rows: quant.matmul reads the expert's weights in place
-      ffn = functools.partial(_indexed_expert_ffn, w_in=w_in, w_v=w_v, w_out=w_out,
-                              index=prefix + (expert,), activation=activation)
+      ffn = functools.partial(expert_ffn, w_in=w_in, w_v=w_v, w_out=w_out,
+                              index=prefix + (expert,), activation=activation, native=native)
 
     def run_rows(out, first, size: int):
       """The expert's rows first .. first + size (those below its count) onto out."""
@@ -290,7 +318,7 @@ def _sparse_moe_backward(static, residuals, out_grad):
   and other layers get zero cotangents. Finally the gate cotangents are
   unsorted.
   """
-  tile_size, activation = static
+  tile_size, activation, _ = static
   layer, x, gates, expert_indices, w_in, w_v, w_out = residuals
   prefix = _prefix(layer)
   ffn = functools.partial(expert_ffn, activation=activation)

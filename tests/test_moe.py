@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok_moe import moe
+from grok_moe import moe, quant
 from tests import helpers, oracle
 
 D, F, E = 24, 40, 5
@@ -25,7 +25,7 @@ LOOP_TOLERANCE = 1e-5
 # (measured), so they differ by at most ~8e-7: 2e-6 leaves room for that.
 DENSE_TOLERANCE = 2e-6
 
-sparse_jit = jax.jit(moe.sparse_moe, static_argnames="tile_size")
+sparse_jit = jax.jit(moe.sparse_moe, static_argnames=("tile_size", "native"))
 dense_jit = jax.jit(moe.dense_moe)
 
 
@@ -67,6 +67,9 @@ def loop_moe(x, gates, indices, w_in, w_v, w_out):
 # and tiles of 1, 3, 8, 50 and one larger than all assignments, and experts
 # that no token chooses; each case compiles, so the set is small. Tiles of at
 # most quant.CHUNKED_MAX_ROWS rows read int8 weights chunk by chunk (on CPU).
+# Where the native kernel is built, int8 weights take its grouped path (no
+# tiles); each int8 case also runs with native=False, the tiled path of other
+# backends and machines.
 CASES = (
     # (tokens, k, tile_size, layout, unused expert)
     (1, 1, None, "release", None),
@@ -80,8 +83,10 @@ CASES = (
 )
 
 
-@pytest.mark.parametrize("num_tokens,k,tile_size,layout,unused_expert", CASES)
-def test_sparse_matches_loop_and_dense(num_tokens, k, tile_size, layout, unused_expert):
+@pytest.mark.parametrize("num_tokens,k,tile_size,layout,unused_expert,native", [
+    (*case, native) for case in CASES
+    for native in ((True,) if case[3] == "float" else (True, False))])
+def test_sparse_matches_loop_and_dense(num_tokens, k, tile_size, layout, unused_expert, native):
   rng = np.random.default_rng(num_tokens * 10 + k)
   x = rng.normal(size=(num_tokens, D)).astype(np.float32)
   gates, indices = _routing(rng, num_tokens, k, unused_expert)
@@ -91,7 +96,8 @@ def test_sparse_matches_loop_and_dense(num_tokens, k, tile_size, layout, unused_
   # returning zeros already fails the relative error with 1.0.
   assert np.max(np.abs(expected)) > 0.01
 
-  sparse = np.asarray(sparse_jit(x, gates, indices, *weights, tile_size=tile_size))
+  sparse = np.asarray(sparse_jit(x, gates, indices, *weights, tile_size=tile_size,
+                                 native=native))
   dense = np.asarray(dense_jit(x, gates, indices, *weights))
   assert sparse.shape == dense.shape == (num_tokens, D)
   assert helpers.relative_error(sparse, expected) < LOOP_TOLERANCE
@@ -257,6 +263,26 @@ def test_sparse_moe_reads_and_differentiates_one_layer_of_a_stack():
     assert grad.shape == (3, *expected.shape), name
     assert helpers.relative_error(grad[1], expected) < GRAD_TOLERANCE, name
     assert np.max(np.abs(grad[0])) == 0.0 and np.max(np.abs(grad[2])) == 0.0, name
+
+
+def test_sparse_moe_reads_one_layer_of_an_int8_stack():
+  """With `layer` and int8 weights stacked [L, E, ...] (the model's layer scan), both
+  paths (native=True: the kernel's grouped matmuls where it is built; native=False:
+  the tiles) equal the float64 loop over that layer's experts. Catches the grouped
+  path reading experts of another layer (its offset into the flattened stack) or
+  another expert's scales."""
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(37, D)).astype(np.float32)
+  gates, indices = _routing(rng, 37, 2, unused_expert=1)
+  layers = [_expert_weights("release", seed=seed) for seed in (7, 8, 9)]
+  stacks = [quant.QuantizedWeight(np.stack([layer[i].weight for layer in layers]),
+                                  np.stack([layer[i].scales for layer in layers]))
+            for i in range(3)]                                              # [3, E, ...]
+  expected = loop_moe(x, gates, indices, *layers[1])
+  stacked = jax.jit(moe.sparse_moe, static_argnames="native")
+  for native in (True, False):
+    got = stacked(x, gates, indices, *stacks, layer=jnp.int32(1), native=native)
+    assert helpers.relative_error(got, expected) < LOOP_TOLERANCE, native
 
 
 def test_sparse_moe_runs_every_row_count_of_an_expert():
