@@ -39,6 +39,9 @@
 //      [rows, 48]. Tiles of fewer rows take the chunk's last rows; columns
 //      past the panel's end are masked.
 //   4. The item's sums go to their output rows.
+// An item of at most kFewRows rows (decoding) skips the packing, which would
+// cost more than its products: it converts the int8 values in registers and
+// uses them at once, and scales each scale row block's sums as the block ends.
 // Sums are float32 in the order of k: x @ dequantize(w) up to float32 rounding.
 
 #include <immintrin.h>
@@ -64,6 +67,7 @@ constexpr int64_t kTileRows = 8;       // rows of a register tile: 8 x 3 accumul
 constexpr int64_t kDepth = 256;        // weight rows packed at a time: 48 KiB as float32
 constexpr int64_t kRowChunk = 256;     // rows of an item
 constexpr int64_t kPrefetchRows = 16;  // how far ahead a panel's weight rows are fetched
+constexpr int64_t kFewRows = 4;        // items of at most this many rows skip the packing
 
 struct Problem {
   const float* x;           // [T, K]
@@ -166,6 +170,69 @@ void TileOf(int64_t rows, const float* const* x_rows, int64_t k0, const float* p
   }
 }
 
+// sums [rows, 48] = x rows [rows, K] @ (the item's weight panel * its scales), for
+// items of few rows (decoding), where packing would cost more than the products: the
+// int8 values are converted in registers and used at once, and the sums of each scale
+// row block are multiplied by its scales as the block ends.
+template <int64_t rows>
+void FewRows(const Problem& p, const Item& item, const float* const* x_rows, int64_t n0,
+             const __mmask16 masks[3], float* sums) {
+  const int8_t* weight = p.weight + item.entry * p.depth * p.cols + n0;
+  const int64_t scale_size = p.float_scales ? 4 : 2;
+  const char* scales = static_cast<const char*>(p.scales) +
+                       (item.entry * p.blocks * p.cols + n0) * scale_size;
+  const int64_t block_rows = p.depth / p.blocks;
+  __m512 total[rows][3];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < 3; ++j) total[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t block = 0; block < p.blocks; ++block) {
+    __m512 acc[rows][3];
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
+    }
+    for (int64_t k = block * block_rows; k < (block + 1) * block_rows; ++k) {
+      const int8_t* source = weight + k * p.cols;
+      // A prefetch never faults, so rows past the end need no check.
+      _mm_prefetch(reinterpret_cast<const char*>(source + kPrefetchRows * p.cols), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(source + kPrefetchRows * p.cols + kPanel - 1),
+                   _MM_HINT_T0);
+      __m512 w[3];
+      for (int64_t j = 0; j < 3; ++j) {
+        w[j] = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[j], source + 16 * j)));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512 a = _mm512_set1_ps(x_rows[r][k]);
+        for (int64_t j = 0; j < 3; ++j) acc[r][j] = _mm512_fmadd_ps(a, w[j], acc[r][j]);
+      }
+    }
+    for (int64_t j = 0; j < 3; ++j) {
+      const __m512 scale =
+          LoadScales(p, scales + (block * p.cols + 16 * j) * scale_size, masks[j]);
+      for (int64_t r = 0; r < rows; ++r) {
+        total[r][j] = _mm512_fmadd_ps(acc[r][j], scale, total[r][j]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < 3; ++j) _mm512_store_ps(sums + r * kPanel + 16 * j, total[r][j]);
+  }
+}
+
+// FewRows<rows> for 1 <= rows <= most.
+template <int64_t most>
+void FewRowsOf(int64_t rows, const Problem& p, const Item& item, const float* const* x_rows,
+               int64_t n0, const __mmask16 masks[3], float* sums) {
+  if constexpr (most > 0) {
+    if (rows == most) {
+      FewRows<most>(p, item, x_rows, n0, masks, sums);
+    } else {
+      FewRowsOf<most - 1>(rows, p, item, x_rows, n0, masks, sums);
+    }
+  }
+}
+
 // Thread-local buffers: the packed weight block and an item's sums.
 struct Scratch {
   alignas(64) float packed[kDepth * kPanel];
@@ -182,31 +249,36 @@ void RunItem(const Problem& p, const Item& item, Scratch& scratch) {
     const int64_t row = p.rows ? std::clamp<int64_t>(p.rows[a], 0, p.x_rows - 1) : a;
     scratch.x_rows[m] = p.x + row * p.depth;
   }
-  for (int64_t k0 = 0; k0 < p.depth; k0 += kDepth) {
-    const int64_t depth = std::min(kDepth, p.depth - k0);
-    PackPanel(p, item, k0, depth, n0, width, scratch.packed);
-    for (int64_t m = 0; m < count; m += kTileRows) {
-      TileOf<kTileRows>(std::min(kTileRows, count - m), scratch.x_rows + m, k0, scratch.packed,
-                        depth, scratch.sums + m * kPanel, k0 == 0);
+  __mmask16 masks[3];
+  for (int64_t j = 0; j < 3; ++j) masks[j] = Mask(width - 16 * j);
+  if (count <= kFewRows) {
+    FewRowsOf<kFewRows>(count, p, item, scratch.x_rows, n0, masks, scratch.sums);
+  } else {
+    for (int64_t k0 = 0; k0 < p.depth; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, p.depth - k0);
+      PackPanel(p, item, k0, depth, n0, width, scratch.packed);
+      for (int64_t m = 0; m < count; m += kTileRows) {
+        TileOf<kTileRows>(std::min(kTileRows, count - m), scratch.x_rows + m, k0,
+                          scratch.packed, depth, scratch.sums + m * kPanel, k0 == 0);
+      }
     }
   }
   for (int64_t m = 0; m < count; ++m) {
     const int64_t a = item.row_begin + m;
     const float* sums = scratch.sums + m * kPanel;
     if (p.targets == nullptr) {
-      for (int64_t j = 0; j < kPanel; j += 16) {
-        _mm512_mask_storeu_ps(p.out + a * p.cols + n0 + j, Mask(width - j),
-                              _mm512_load_ps(sums + j));
+      for (int64_t j = 0; j < 3; ++j) {
+        _mm512_mask_storeu_ps(p.out + a * p.cols + n0 + 16 * j, masks[j],
+                              _mm512_load_ps(sums + 16 * j));
       }
       continue;
     }
     float* out = p.out + static_cast<int64_t>(p.targets[a]) * p.cols + n0;
     const __m512 scale = _mm512_set1_ps(p.row_scales ? p.row_scales[a] : 1.0f);
-    for (int64_t j = 0; j < kPanel; j += 16) {
-      const __mmask16 mask = Mask(width - j);
-      const __m512 added = _mm512_fmadd_ps(scale, _mm512_load_ps(sums + j),
-                                           _mm512_maskz_loadu_ps(mask, out + j));
-      _mm512_mask_storeu_ps(out + j, mask, added);
+    for (int64_t j = 0; j < 3; ++j) {
+      const __m512 added = _mm512_fmadd_ps(scale, _mm512_load_ps(sums + 16 * j),
+                                           _mm512_maskz_loadu_ps(masks[j], out + 16 * j));
+      _mm512_mask_storeu_ps(out + 16 * j, masks[j], added);
     }
   }
 }
