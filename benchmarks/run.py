@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks import counts, limits, process_memory
 from grok_moe import params as param_table
-from grok_moe import moe, quant, random_weights, sampling, sharded_ops, sharding
+from grok_moe import moe, native, quant, random_weights, sampling, sharded_ops, sharding
 from grok_moe.config import BENCH, PRESETS, ModelConfig
 from grok_moe.kv_cache import KVCache
 
@@ -401,9 +401,13 @@ def _cpu_model() -> str:
 
 def machine() -> dict:
   device = jax.devices()[0]
+  on_cpu = jax.default_backend() == "cpu"
   return {"backend": jax.default_backend(), "device": device.device_kind,
           "devices": jax.device_count(), "cpu": _cpu_model(), "cpus": os.cpu_count(), "jax": jax.__version__,
-          "python": platform.python_version(), "platform": platform.platform()}
+          "python": platform.python_version(), "platform": platform.platform(),
+          # The CPU's int8 matmuls: the native kernel, or XLA's path and why.
+          "native_int8": (native.available() if on_cpu else None),
+          "native_int8_off_because": native.unavailable_reason() if on_cpu else None}
 
 
 # --- The run. ---
@@ -545,12 +549,22 @@ def _ms(seconds: float) -> str:
   return f"{seconds * 1e3:.1f} ms" if seconds >= 0.01 else f"{seconds * 1e3:.2f} ms"
 
 
+def _native_note(machine_info: dict) -> str:
+  """How the CPU's int8 matmuls ran: the native kernel or XLA (and why); nothing off CPU."""
+  if machine_info.get("native_int8") is None:
+    return ""
+  if machine_info["native_int8"]:
+    return "; int8 matmuls in the native kernel"
+  return f"; int8 matmuls in XLA ({machine_info['native_int8_off_because']})"
+
+
 def table(results: dict) -> str:
   """The results as Markdown: one table of figures, one of the targets."""
   m, lim, r = results["machine"], results["limits"], results["ratios"]
   cfg, run_settings = results["config"], results["settings"]
   rows = [
-      ("machine", f"{m['cpu']}, {m['cpus']} CPUs; {m['backend']} ({m['device']}); jax {m['jax']}"),
+      ("machine", f"{m['cpu']}, {m['cpus']} CPUs; {m['backend']} ({m['device']}); jax {m['jax']}"
+                  + _native_note(m)),
       ("model", f"D {cfg['emb_size']}, F {ModelConfig.from_dict(cfg).ffn_size}, "
                 f"{cfg['num_layers']} layers, {cfg['num_experts']} experts (top "
                 f"{cfg['num_selected_experts']}), vocab {cfg['vocab_size']}; activations "

@@ -8,8 +8,9 @@ intra-op threads, as an XLA FFI custom call.
 
 It is compiled once per machine with the system's C++ compiler (`$CXX`, else
 `c++`) and `-march=native` into a cache directory
-(`$XDG_CACHE_HOME/grok_moe/native`, else `~/.cache/grok_moe/native`), keyed by
-the source, the compiler, the jaxlib version and the host CPU, and written
+(`$XDG_CACHE_HOME/grok_moe/native`, else `~/.cache/grok_moe/native`; where
+that cannot be made, a private temporary directory, once per process), keyed
+by the source, the compiler, the jaxlib version and the host CPU, and written
 atomically. Where it cannot be had (no compiler, no AVX-512, another CPU
 architecture, or `GROK_MOE_NATIVE=0` in the environment) `available()` is
 False and `quant.matmul` keeps XLA's formulation; `unavailable_reason()` says
@@ -40,8 +41,15 @@ COMPILE_SECONDS = 300
 
 
 def _cache_dir() -> pathlib.Path:
+  """Where built libraries are kept: the user's cache directory, or where that cannot
+  be made (a read-only home), a new private directory in the temporary directory."""
   base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-  return pathlib.Path(base) / "grok_moe" / "native"
+  directory = pathlib.Path(base) / "grok_moe" / "native"
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError:  # a private directory of this process's (a shared one could be planted)
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="grok_moe-native-"))
+  return directory
 
 
 def _host_cpu() -> str:

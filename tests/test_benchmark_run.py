@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import counts, limits
 from benchmarks import run as bench
-from grok_moe import quant, random_weights
+from grok_moe import native, quant, random_weights
 from grok_moe.config import BENCH, GROK_1, PRESETS, TINY, TINY_GROK_2
 
 
@@ -63,6 +63,9 @@ def test_run_on_a_tiny_model_reports_every_figure(tmp_path):
   assert results["memory"]["weight_bytes"] == counts.weight_bytes(
       random_weights.release_params(settings.config))
   assert jnp.dtype(results["limits"]["matmul"]["dtype"]) == jnp.float32
+  # The table says which int8 matmul the figures are of (the native kernel or XLA's).
+  assert results["machine"]["native_int8"] == native.available()
+  assert ("int8 matmuls in the native kernel" in text) == native.available()
 
 
 def test_run_on_a_mesh_holds_a_share_of_the_weights_per_device():

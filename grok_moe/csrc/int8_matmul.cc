@@ -50,6 +50,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -68,6 +69,7 @@ constexpr int64_t kDepth = 256;        // weight rows packed at a time: 48 KiB a
 constexpr int64_t kRowChunk = 256;     // rows of an item
 constexpr int64_t kPrefetchRows = 16;  // how far ahead a panel's weight rows are fetched
 constexpr int64_t kFewRows = 4;        // items of at most this many rows skip the packing
+constexpr int64_t kSpins = 4096;       // pauses before a waiting caller yields its core
 
 struct Problem {
   const float* x;           // [T, K]
@@ -412,8 +414,14 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     pool.Schedule([work] { work->Drain(); });
   }
   work->Drain();
-  while (work->done.load(std::memory_order_acquire) < work->units()) {
-    _mm_pause();
+  // The last units are in the helpers' hands: spin briefly, then give up the core
+  // (with more devices than cores, the helper may be waiting for it).
+  for (int64_t spins = 0; work->done.load(std::memory_order_acquire) < work->units(); ++spins) {
+    if (spins < kSpins) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
   }
   return ffi::Error::Success();
 }
