@@ -28,8 +28,11 @@ from grok_moe.sharding import ShardingPlan, fetch
 from grok_moe.tokenizer import TextStream, Tokenizer, open_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer.json",           # SentencePiece, Hugging Face,
-                   chat_templates.GROK2_TOKENIZER_FILE)       # Grok-2's tiktoken file
+# In the order they are looked for: a Hugging Face directory may hold both tokenizer.json
+# and the SentencePiece file it was converted from (Mixtral does); tokenizer.json comes
+# first, for SentencePiece would read a chat template's special-token text as characters.
+TOKENIZER_FILES = ("tokenizer.json", chat_templates.GROK2_TOKENIZER_FILE,  # Hugging Face,
+                   TOKENIZER_FILE)                          # Grok-2's tiktoken, SentencePiece
 SEED_LIMIT = 2 ** 32  # PRNGKey keeps the low 32 bits of a seed: larger ones repeat smaller ones
 
 # Token ids: one prompt (a list of ids or a [T] array), or a batch (lists, or a [B, T] array).
@@ -57,8 +60,9 @@ def _directories_beside(checkpoint_path: str | os.PathLike) -> list[pathlib.Path
 
 
 def find_tokenizer(checkpoint_path: str | os.PathLike) -> str | None:
-  """tokenizer.model (or a Hugging Face tokenizer.json, or Grok-2's tokenizer.tok.json)
-  beside ckpt-0, or one level up (checkpoints/ for the release), or None."""
+  """The first of TOKENIZER_FILES (a Hugging Face tokenizer.json, Grok-2's
+  tokenizer.tok.json, a SentencePiece tokenizer.model) beside ckpt-0, else one level up
+  (checkpoints/ for the release), or None."""
   for directory in _directories_beside(checkpoint_path):
     for name in TOKENIZER_FILES:
       if (directory / name).is_file():

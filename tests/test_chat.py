@@ -306,6 +306,21 @@ def test_chat_is_the_greedy_text_of_the_rendered_prompt(chatml_model):
   assert "".join(model.chat_stream(HI, max_new_tokens=8, temperature=0)) == expected
 
 
+def test_tokenizer_json_is_preferred_to_a_sentencepiece_file_beside_it(tmp_path):
+  """A Hugging Face directory holding both tokenizer.json and tokenizer.model (Mixtral
+  ships both) is read through tokenizer.json, whose special tokens encode as single ids.
+  Catches the SentencePiece file taking precedence: it reads a chat template's
+  "<|im_start|>" or "<s>" as plain characters."""
+  directory = make_checkpoint(tmp_path / "both", CHATML)
+  shutil.copy(pathlib.Path(api.__file__).parent.parent / "checkpoints" / "demo"
+              / api.TOKENIZER_FILE, directory / api.TOKENIZER_FILE)
+  path = api.find_tokenizer(directory)
+  assert pathlib.Path(path).name == "tokenizer.json"
+  tokenizer = api.open_tokenizer(path)
+  assert tokenizer.encode("<|im_start|><s>") == [
+      tokenizer.processor.token_to_id("<|im_start|>"), tokenizer.processor.token_to_id("<s>")]
+
+
 @pytest.mark.parametrize("where", ["tokenizer_config", "generation_config"])
 def test_chat_stops_at_the_checkpoints_end_of_sequence(tmp_path, chatml_model, where):
   """The reply ends before the checkpoint's end-of-sequence text, whether it is
