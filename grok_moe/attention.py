@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from grok_moe.config import ModelConfig
+from grok_moe.soft_cap import soft_cap
 
 MASKED_LOGIT = -1e30
 
@@ -48,8 +49,7 @@ def _capped(scores, config: ModelConfig, temperature=None):
   """Logits scaled by attn_output_multiplier and soft-capped (unless the cap is 0), in
   float32, then times each query's `temperature` (broadcast to scores; None: 1)."""
   scores = scores.astype(jnp.float32) * config.attn_output_multiplier
-  if config.attn_logit_cap:
-    scores = config.attn_logit_cap * jnp.tanh(scores / config.attn_logit_cap)
+  scores = soft_cap(scores, config.attn_logit_cap)
   return scores if temperature is None else scores * temperature
 
 

@@ -43,6 +43,7 @@ from grok_moe.config import ModelConfig
 from grok_moe.kv_cache import KVCache
 from grok_moe.params import abstract_params, init_params  # noqa: F401  (re-exported)
 from grok_moe.sharding import ShardingPlan
+from grok_moe.soft_cap import soft_cap
 
 
 class Routing(NamedTuple):
@@ -331,8 +332,7 @@ class LanguageModel(hk.Module):
     logits = jnp.einsum("btd,vd->btv", x, output.astype(dtype),
                         preferred_element_type=jnp.float32)                       # [B, T, V]
     logits = logits * cfg.output_multiplier_scale
-    if cfg.final_logit_cap:
-      logits = cfg.final_logit_cap * jnp.tanh(logits / cfg.final_logit_cap)
+    logits = soft_cap(logits, cfg.final_logit_cap)
     return ModelOutput(logits, new_cache, routing)
 
 

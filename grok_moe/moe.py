@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok_moe import quant
+from grok_moe.soft_cap import soft_cap
 
 DEFAULT_TILE_SIZE = 256
 
@@ -31,8 +32,7 @@ def route(x: jax.Array, router_w: jax.Array, k: int, renormalize: bool = False,
   """
   logits = jnp.matmul(x.astype(jnp.float32), router_w.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)        # [N, E]
-  if logit_cap:
-    logits = logit_cap * jnp.tanh(logits / logit_cap)
+  logits = soft_cap(logits, logit_cap)
   probs = jax.nn.softmax(logits, axis=-1)                         # [N, E]
   gates, expert_indices = jax.lax.top_k(probs, k)                 # [N, k]
   if renormalize:
