@@ -96,7 +96,7 @@ def matmul(x: jax.Array, w: Weight, *, index=None, expert=None,
   its derivatives are those of the dequantized product.
   """
   index = _as_index(index) + _as_index(expert)
-  if native and fuses_int8(x.dtype, w):
+  if native and fuses_int8(x.dtype, w) and w.weight.ndim == len(index) + 2:
     return _native_matmul(x, w, index)
   rows = math.prod(x.shape[:-1])
   in_place = isinstance(w, QuantizedWeight) or w.dtype != x.dtype or bool(index)
@@ -108,10 +108,13 @@ def matmul(x: jax.Array, w: Weight, *, index=None, expert=None,
 
 
 def fuses_int8(dtype, w: Weight) -> bool:
-  """Whether the native kernel can multiply x in `dtype` by w: an int8 weight, float32 x,
-  on CPU, with the kernel built (`native.available()`). It converts w's int8 values
-  inside its matmul, so that dequantizing w first would only add work."""
-  return (isinstance(w, QuantizedWeight) and jnp.dtype(dtype) == jnp.float32
+  """Whether the native kernel can multiply x in `dtype` by w: an int8 weight with
+  bfloat16 or float32 scales, float32 x, on CPU, with the kernel built
+  (`native.available()`). It converts w's int8 values inside its matmul, so that
+  dequantizing w first would only add work."""
+  return (isinstance(w, QuantizedWeight) and w.weight.dtype == jnp.int8
+          and w.scales.dtype in (jnp.bfloat16, jnp.float32)
+          and jnp.dtype(dtype) == jnp.float32
           and jax.default_backend() == "cpu" and native_kernel.available())
 
 
@@ -129,6 +132,9 @@ def grouped_matmul(x: jax.Array, w: QuantizedWeight, group_sizes: jax.Array, ind
   zeros. Not differentiable.
   """
   index = _as_index(index)
+  if w.weight.ndim != len(index) + 3:
+    raise ValueError(f"grouped_matmul: a stack {w.weight.shape} needs {w.weight.ndim - 3} "
+                     f"index entries before its groups' axis, not {len(index)}")
   groups = w.weight.shape[len(index)]
   stack_shape = w.weight.shape[:len(index)]
   first = jnp.ravel_multi_index(index, stack_shape, mode="clip") * groups if index else 0

@@ -16,6 +16,7 @@ import os
 import pathlib
 import platform
 import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -179,13 +180,6 @@ def test_matmul_native_path_equals_xla_path_with_gradients():
   assert native.TARGET in hlo
 
 
-def test_disabled_by_the_environment(monkeypatch):
-  """GROK_MOE_NATIVE=0 turns the kernel off, with that as the reason."""
-  monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
-  library, reason = native._load.__wrapped__()
-  assert library is None and native.DISABLE_VARIABLE in reason
-
-
 def test_failed_build_names_the_error_and_leaves_no_library(monkeypatch, tmp_path):
   """A source that does not compile makes the kernel unavailable with the compiler's
   error as the reason, and leaves nothing in the cache directory (no half-written
@@ -202,3 +196,123 @@ def test_failed_build_names_the_error_and_leaves_no_library(monkeypatch, tmp_pat
   library, reason = native._load.__wrapped__()
   assert library is None and "error" in reason
   assert [path for path in (tmp_path / "cache").rglob("*") if not path.is_dir()] == []
+
+
+@needs_native
+@pytest.mark.parametrize("scatter", [False, True])
+def test_zero_depth_gives_zeros_after_another_call(scatter):
+  """x [T, 0] @ w [0, N] is zeros in both modes, right after a call that left sums in the
+  threads' buffers. Catches a K = 0 product copying the previous call's sums out."""
+  rng = np.random.default_rng(5)
+  w = _stack(rng, 1, 64, 20, blocks=1)
+  x = rng.normal(size=(8, 64)).astype(np.float32)
+  before = native.grouped_int8_matmul(jnp.asarray(x), jnp.asarray(w.weight),
+                                      jnp.asarray(w.scales), jnp.asarray([8]))
+  assert np.abs(np.asarray(before)).max() > 0
+  targets = jnp.arange(8, dtype=jnp.int32) if scatter else None
+  got = native.grouped_int8_matmul(
+      jnp.zeros((8, 0), jnp.float32), jnp.zeros((1, 0, 20), jnp.int8),
+      jnp.ones((1, 1, 20), jnp.bfloat16), jnp.asarray([8]), targets=targets,
+      out_rows=8 if scatter else None)
+  assert got.shape == (8, 20) and np.all(np.asarray(got) == 0)
+
+
+@needs_native
+def test_scatter_of_no_rows_is_zeros_and_bad_calls_are_refused():
+  """A scatter with no sorted rows gives out_rows zero rows (not x @ w, as when an empty
+  targets array was read as "no targets"); gathering from an x with no rows, or a
+  `first` of two entries, is an error rather than a read out of bounds; row_scales
+  without targets, or targets without out_rows, is a ValueError."""
+  rng = np.random.default_rng(6)
+  w = _stack(rng, 2, 16, 10, blocks=1)
+  weight, scales = jnp.asarray(w.weight), jnp.asarray(w.scales)
+  x = jnp.asarray(rng.normal(size=(4, 16)).astype(np.float32))
+  got = native.grouped_int8_matmul(x, weight, scales, jnp.asarray([0, 0]),
+                                   targets=jnp.zeros((0,), jnp.int32), out_rows=5)
+  assert got.shape == (5, 10) and np.all(np.asarray(got) == 0)
+  with pytest.raises(Exception, match="mismatched shapes"):
+    native.grouped_int8_matmul(jnp.zeros((0, 16), jnp.float32), weight, scales,
+                               jnp.asarray([3]), rows=jnp.asarray([0, 0, 0])).block_until_ready()
+  with pytest.raises(TypeError):
+    native.grouped_int8_matmul(x, weight, scales, jnp.asarray([4]), first=[0, 1])
+  with pytest.raises(ValueError, match="row_scales needs targets"):
+    native.grouped_int8_matmul(x, weight, scales, jnp.asarray([4]), row_scales=jnp.ones(4))
+  with pytest.raises(ValueError, match="targets and out_rows go together"):
+    native.grouped_int8_matmul(x, weight, scales, jnp.asarray([4]), targets=jnp.zeros(4, int))
+
+
+@needs_native
+def test_matmul_takes_the_native_path_only_for_what_the_kernel_reads():
+  """quant.matmul with float16 scales, or with a stack but fewer index entries than its
+  leading axes, behaves as native=False does (the XLA formulation's value, or its
+  error) instead of failing in the kernel or multiplying by the wrong stack entry."""
+  rng = np.random.default_rng(7)
+  w = helpers.random_weight(rng, (2, 3, 32, 16), blocks=1)
+  x = jnp.asarray(rng.normal(size=(5, 32)).astype(np.float32))
+  half = quant.QuantizedWeight(jnp.asarray(w.weight[0, 1]), jnp.asarray(w.scales[0, 1], np.float16))
+  assert not quant.fuses_int8(jnp.float32, half)
+  np.testing.assert_array_equal(quant.matmul(x, half, native=True),
+                                quant.matmul(x, half, native=False))
+  stack = quant.QuantizedWeight(jnp.asarray(w.weight), jnp.asarray(w.scales))
+  for index in ((), (1,)):
+    with pytest.raises((TypeError, ValueError)):
+      quant.matmul(x, stack, index=index, native=False)
+    with pytest.raises((TypeError, ValueError)):
+      quant.matmul(x, stack, index=index, native=True)
+  with pytest.raises(ValueError, match="needs 1 index entries"):
+    quant.grouped_matmul(x, stack, jnp.asarray([5]))
+
+
+@pytest.mark.parametrize("setting", ["0", "false", "No", " off "])
+def test_disabled_by_any_false_setting(monkeypatch, setting):
+  """GROK_MOE_NATIVE=0, false, no or off (any case, spaces around) turns the kernel off,
+  with the setting named in the reason."""
+  monkeypatch.setenv(native.DISABLE_VARIABLE, setting)
+  library, reason = native._load.__wrapped__()
+  assert library is None and f"{native.DISABLE_VARIABLE}={setting}" in reason
+
+
+def _copying_compiler(monkeypatch, built: list):
+  """native._compile replaced by a copy of this process's built library (no compiler
+  run), recording each target it was asked for."""
+  source = native._load()[0]._name
+
+  def fake_compile(compiler, flags, target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    built.append(target)
+  monkeypatch.setattr(native, "_compile", fake_compile)
+
+
+@needs_native
+def test_a_cached_file_that_does_not_load_is_built_again(monkeypatch, tmp_path):
+  """A truncated or stale file at the cache path is replaced by a fresh build, not
+  reported as a failure forever (nor loaded)."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  built = []
+  _copying_compiler(monkeypatch, built)
+  target = tmp_path / "grok_moe" / "native" / "int8_matmul-test.so"
+  target.parent.mkdir(parents=True)
+  target.write_bytes(b"\x7fELF truncated")
+  library = native._library(["c++"], [], target.name)
+  assert built == [target] and hasattr(library, native.SYMBOL)
+  native._library(["c++"], [], target.name)
+  assert built == [target]  # loaded from the cache the second time
+
+
+@needs_native
+def test_an_unwritable_cache_builds_in_a_private_directory_removed_after(monkeypatch, tmp_path):
+  """Where the cache directory cannot be made (here its parent is a file), the library is
+  built in a private temporary directory, loaded, and the directory removed: the
+  kernel stays available and nothing is left in the temporary directory."""
+  (tmp_path / "not-a-directory").write_text("")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-directory"))
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  built = []
+  _copying_compiler(monkeypatch, built)
+  library = native._library(["c++"], [], "int8_matmul-test.so")
+  assert hasattr(library, native.SYMBOL)
+  assert len(built) == 1 and built[0].parent.parent == scratch
+  assert list(scratch.iterdir()) == []

@@ -71,6 +71,12 @@ constexpr int64_t kPrefetchRows = 16;  // how far ahead a panel's weight rows ar
 constexpr int64_t kFewRows = 4;        // items of at most this many rows skip the packing
 constexpr int64_t kSpins = 4096;       // pauses before a waiting caller yields its core
 
+// The `mode` attribute's bits: which of the optional arguments are given (an
+// absent one is passed as an empty array).
+constexpr int32_t kGather = 1;     // rows: sorted row a is x[rows[a]]
+constexpr int32_t kScatter = 2;    // targets: products are added onto out[targets[a]]
+constexpr int32_t kRowScales = 4;  // row_scales: the factor of each added product
+
 struct Problem {
   const float* x;           // [T, K]
   int64_t x_rows;           // T
@@ -312,7 +318,7 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::S8> weight, ffi::AnyBuffer scales,
                              ffi::Buffer<ffi::S32> group_sizes, ffi::Buffer<ffi::S32> first,
                              ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> targets,
-                             ffi::Buffer<ffi::F32> row_scales,
+                             ffi::Buffer<ffi::F32> row_scales, int32_t mode,
                              ffi::ResultBuffer<ffi::F32> out) {
   const auto x_dims = x.dimensions();
   const auto w_dims = weight.dimensions();
@@ -337,24 +343,27 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("grouped_int8_matmul: scales must be bfloat16 or float32");
   }
   const int64_t depth = x_dims[1], cols = w_dims[rank - 1], blocks = s_dims[rank - 2];
-  const bool scatter = targets.element_count() > 0;
-  const int64_t sorted_rows = rows.element_count() > 0 ? rows.element_count()
-                              : scatter              ? targets.element_count()
-                                                     : out_dims[0];
+  const bool gather = mode & kGather, scatter = mode & kScatter;
+  const int64_t sorted_rows = gather ? rows.element_count()
+                              : scatter ? targets.element_count()
+                                        : out_dims[0];
   if (w_dims[rank - 2] != depth || s_dims[rank - 1] != cols || out_dims[1] != cols ||
-      blocks < 1 || depth % blocks != 0 || (rows.element_count() == 0 && x_dims[0] < sorted_rows) ||
-      (scatter && targets.element_count() != sorted_rows) ||
-      (!scatter && out_dims[0] != sorted_rows) ||
-      (row_scales.element_count() > 0 && row_scales.element_count() != sorted_rows)) {
+      blocks < 1 || depth % blocks != 0 || first.element_count() != 1 ||
+      (mode & ~(kGather | kScatter | kRowScales)) != 0 ||
+      (gather ? sorted_rows > 0 && x_dims[0] == 0
+              : rows.element_count() != 0 || x_dims[0] < sorted_rows) ||
+      (scatter ? targets.element_count() != sorted_rows
+               : targets.element_count() != 0 || out_dims[0] != sorted_rows) ||
+      row_scales.element_count() != ((mode & kRowScales) ? sorted_rows : 0)) {
     return ffi::Error::InvalidArgument("grouped_int8_matmul: mismatched shapes");
   }
   auto work = std::make_shared<Work>();
   Problem& p = work->problem;
   p = Problem{x.typed_data(), x_dims[0], weight.typed_data(), scales.untyped_data(),
               float_scales,
-              rows.element_count() > 0 ? rows.typed_data() : nullptr,
+              gather ? rows.typed_data() : nullptr,
               scatter ? targets.typed_data() : nullptr,
-              row_scales.element_count() > 0 ? row_scales.typed_data() : nullptr,
+              (mode & kRowScales) ? row_scales.typed_data() : nullptr,
               out->typed_data(), depth, cols, blocks};
   if (scatter) {
     for (int64_t a = 0; a < sorted_rows; ++a) {
@@ -403,8 +412,11 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
   }
   work->unit_begin.push_back(work->items.size());
-  if (scatter) {
+  if (scatter || depth == 0) {  // with K = 0 every product is 0
     std::fill(p.out, p.out + out_dims[0] * cols, 0.0f);
+    if (depth == 0) {
+      return ffi::Error::Success();
+    }
   } else {
     std::fill(p.out + row * cols, p.out + sorted_rows * cols, 0.0f);  // rows of no group
   }
@@ -439,4 +451,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrokMoeGroupedInt8Matmul, GroupedInt8Matmul,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // rows [A] or [0]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // targets [A] or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // row_scales [A] or [0]
+                                  .Attr<int32_t>("mode")          // kGather | kScatter | ...
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [A, N] or [T', N]
