@@ -101,6 +101,8 @@ def _expected(x, w, group_sizes, first, rows=None, targets=None, row_scales=None
     (64, 49, 8, False, [0, 9, 0, 270, 3], 1, 6),  # empty groups, a group over a 256-row chunk
     (16, 96, 1, False, [5, 7, 4], 4, 6),       # the last group is past the stack's end
     (24, 48, 2, True, [3, 2], 0, 2),           # rows past the last group are 0
+    (300, 100, 3, False, [2, 1, 4], 0, 3),     # few-row chunks in depth pieces across blocks
+    (1000, 70, 5, True, [1], 0, 1),            # one row, pieces (2 or more) across blocks
 ])
 def test_grouped_rows_in_order(depth, cols, blocks, float_scales, group_sizes, first, stack):
   """Each group's rows by its own weight, rows past the groups (or past the stack) 0.
@@ -121,17 +123,19 @@ def test_grouped_rows_in_order(depth, cols, blocks, float_scales, group_sizes, f
 
 
 @needs_native
+@pytest.mark.parametrize("depth,group_sizes", [(70, [30, 0, 41, 9]), (270, [3, 0, 1, 2, 30])])
 @pytest.mark.parametrize("scatter", [False, True])
-def test_grouped_gathers_rows_and_scatter_adds(scatter):
+def test_grouped_gathers_rows_and_scatter_adds(scatter, depth, group_sizes):
   """Rows gathered from x by index (with repeats), and with targets each product times
   its row scale added onto its target row (several rows onto one target, and targets
   that no row reaches stay 0). Catches a gather that ignores `rows`, a scatter that
   overwrites instead of adding, a missing row scale, and two threads adding to one
-  element (the output is compared exactly against the float64 sum)."""
+  element (a lost or doubled addition is O(1) against the float64 sum). The second
+  sizes mix groups of at most 4 rows (summed in depth pieces, added at the end)
+  with a larger one adding onto the same targets."""
   rng = np.random.default_rng(int(scatter))
-  depth, cols, tokens = 70, 130, 40
-  group_sizes = [30, 0, 41, 9]
-  w = _stack(rng, 4, depth, cols, blocks=2)
+  cols, tokens = 130, 40
+  w = _stack(rng, len(group_sizes), depth, cols, blocks=2)
   x = rng.normal(size=(tokens, depth)).astype(np.float32)
   rows = rng.integers(0, tokens, size=sum(group_sizes)).astype(np.int32)
   targets = row_scales = out_rows = None

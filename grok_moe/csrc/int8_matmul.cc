@@ -39,10 +39,17 @@
 //      [rows, 48]. Tiles of fewer rows take the chunk's last rows; columns
 //      past the panel's end are masked.
 //   4. The item's sums go to their output rows.
-// An item of at most kFewRows rows (decoding) skips the packing, which would
-// cost more than its products: it converts the int8 values in registers and
-// uses them at once, and scales each scale row block's sums as the block ends.
-// Sums are float32 in the order of k: x @ dequantize(w) up to float32 rounding.
+// A row chunk of at most kFewRows rows (decoding) skips the packing, which
+// would cost more than its products, and the panels, whose 48 bytes per weight
+// row are strided reads from memory: it is cut in depth into pieces (enough to
+// give each thread two), each a unit that reads its weight rows whole and in
+// order, 4 at a time, converting the int8 values in registers and adding their
+// products into its own partial sums [rows, N] (scaled as each scale row block
+// ends); the caller adds the pieces up and writes (or scatter-adds) the rows
+// once every unit is done. One row by an expert's [512, 2736] or [2736, 512]
+// int8 weight read from memory took 1.6 - 2.6x less time this way than by
+// panels (benchmarks/README.md).
+// Sums are float32: x @ dequantize(w) up to float32 rounding.
 
 #include <immintrin.h>
 
@@ -68,7 +75,9 @@ constexpr int64_t kTileRows = 8;       // rows of a register tile: 8 x 3 accumul
 constexpr int64_t kDepth = 256;        // weight rows packed at a time: 48 KiB as float32
 constexpr int64_t kRowChunk = 256;     // rows of an item
 constexpr int64_t kPrefetchRows = 16;  // how far ahead a panel's weight rows are fetched
-constexpr int64_t kFewRows = 4;        // items of at most this many rows skip the packing
+constexpr int64_t kFewRows = 4;        // chunks of at most this many rows are split in depth
+constexpr int64_t kMinPieceRows = 64;  // weight rows of a few-row chunk's piece, at least
+constexpr int64_t kPrefetchBytes = 8192;  // how far ahead a piece's weight is fetched, at least
 constexpr int64_t kSpins = 4096;       // pauses before a waiting caller yields its core
 
 // The `mode` attribute's bits: which of the optional arguments are given (an
@@ -88,11 +97,18 @@ struct Problem {
   const float* row_scales;  // [A], or null: 1
   float* out;               // [A, N] or [T', N]
   int64_t depth, cols, blocks;  // K, N, R
+  float* partials;          // the few-row pieces' sums, [rows, Stride(N)] each
 };
 
-// Sorted rows row_begin .. row_end by stack entry `entry`, columns of `panel`.
+// The row stride of sums: N rounded up to whole vectors, so that every row is aligned.
+int64_t Stride(int64_t cols) { return (cols + 15) / 16 * 16; }
+
+// Sorted rows row_begin .. row_end by stack entry `entry`: the columns of `panel`
+// (partial < 0), or for a chunk of few rows, all columns over weight rows
+// k_begin .. k_end into the sums at p.partials + partial.
 struct Item {
   int64_t entry, row_begin, row_end, panel;
+  int64_t k_begin = 0, k_end = 0, partial = -1;
 };
 
 __mmask16 Mask(int64_t left) {
@@ -178,74 +194,115 @@ void TileOf(int64_t rows, const float* const* x_rows, int64_t k0, const float* p
   }
 }
 
-// sums [rows, 48] = x rows [rows, K] @ (the item's weight panel * its scales), for
-// items of few rows (decoding), where packing would cost more than the products: the
-// int8 values are converted in registers and used at once, and the sums of each scale
-// row block are multiplied by its scales as the block ends.
-template <int64_t rows>
-void FewRows(const Problem& p, const Item& item, const float* const* x_rows, int64_t n0,
-             const __mmask16 masks[3], float* sums) {
-  const int8_t* weight = p.weight + item.entry * p.depth * p.cols + n0;
-  const int64_t scale_size = p.float_scales ? 4 : 2;
-  const char* scales = static_cast<const char*>(p.scales) +
-                       (item.entry * p.blocks * p.cols + n0) * scale_size;
-  const int64_t block_rows = p.depth / p.blocks;
-  __m512 total[rows][3];
+// sums [rows, Stride(N)] += x rows [rows, n weight rows from k] @ those n rows
+// (w [n, N]), all columns: the n rows are converted and used once, and each
+// vector of sums is loaded and stored once for the n.
+template <int64_t rows, int64_t n>
+inline void AddWeightRows(const int8_t* w, int64_t cols, const float* const* x_rows, int64_t k,
+                          float* sums) {
+  const int64_t vectors = Stride(cols) / 16;
+  const int64_t ahead = std::max<int64_t>(kPrefetchBytes, 4 * cols);
+  __m512 a[rows][n];
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < 3; ++j) total[r][j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) a[r][i] = _mm512_set1_ps(x_rows[r][k + i]);
   }
-  for (int64_t block = 0; block < p.blocks; ++block) {
-    __m512 acc[rows][3];
+  for (int64_t j = 0; j < vectors; ++j) {
+    const __mmask16 mask = Mask(cols - 16 * j);
+    if (n == 4) {  // a line per vector: the next 4 rows' bytes, or kPrefetchBytes ahead
+      _mm_prefetch(reinterpret_cast<const char*>(w) + ahead + 64 * j, _MM_HINT_T0);
+    }
+    __m512 values[n];
+    for (int64_t i = 0; i < n; ++i) {
+      values[i] = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + i * cols + 16 * j)));
+    }
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
+      float* sum = sums + r * Stride(cols) + 16 * j;
+      __m512 acc = _mm512_load_ps(sum);
+      for (int64_t i = 0; i < n; ++i) acc = _mm512_fmadd_ps(a[r][i], values[i], acc);
+      _mm512_store_ps(sum, acc);
     }
-    for (int64_t k = block * block_rows; k < (block + 1) * block_rows; ++k) {
-      const int8_t* source = weight + k * p.cols;
-      // A prefetch never faults, so rows past the end need no check.
-      _mm_prefetch(reinterpret_cast<const char*>(source + kPrefetchRows * p.cols), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(source + kPrefetchRows * p.cols + kPanel - 1),
-                   _MM_HINT_T0);
-      __m512 w[3];
-      for (int64_t j = 0; j < 3; ++j) {
-        w[j] = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(masks[j], source + 16 * j)));
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const __m512 a = _mm512_set1_ps(x_rows[r][k]);
-        for (int64_t j = 0; j < 3; ++j) acc[r][j] = _mm512_fmadd_ps(a, w[j], acc[r][j]);
-      }
-    }
-    for (int64_t j = 0; j < 3; ++j) {
-      const __m512 scale =
-          LoadScales(p, scales + (block * p.cols + 16 * j) * scale_size, masks[j]);
-      for (int64_t r = 0; r < rows; ++r) {
-        total[r][j] = _mm512_fmadd_ps(acc[r][j], scale, total[r][j]);
-      }
-    }
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < 3; ++j) _mm512_store_ps(sums + r * kPanel + 16 * j, total[r][j]);
   }
 }
 
-// FewRows<rows> for 1 <= rows <= most.
+// partial [rows, Stride(N)] = x rows [rows, k_begin..k_end] @ (the item's weight
+// rows k_begin .. k_end * their scales), all columns, for chunks of few rows
+// (decoding), where packing would cost more than the products. The weight rows
+// are read whole and in order, 4 at a time: one stream through memory, where a
+// panel's 48 bytes per row would be strided reads. Each scale row block's sums
+// are formed in `block` and scaled into the partial as the block ends.
+template <int64_t rows>
+void SplitDepth(const Problem& p, const Item& item, const float* const* x_rows, float* partial,
+                float* block) {
+  const int64_t stride = Stride(p.cols);
+  const int8_t* weight = p.weight + item.entry * p.depth * p.cols;
+  const int64_t scale_size = p.float_scales ? 4 : 2;
+  const char* scales =
+      static_cast<const char*>(p.scales) + item.entry * p.blocks * p.cols * scale_size;
+  const int64_t block_rows = p.depth / p.blocks;
+  for (int64_t k = item.k_begin; k < item.k_end;) {
+    const int64_t b = k / block_rows;
+    const int64_t end = std::min(item.k_end, (b + 1) * block_rows);
+    const bool first = k == item.k_begin;
+    std::fill(block, block + rows * stride, 0.0f);
+    for (; k + 4 <= end; k += 4) {
+      AddWeightRows<rows, 4>(weight + k * p.cols, p.cols, x_rows, k, block);
+    }
+    for (; k < end; ++k) {
+      AddWeightRows<rows, 1>(weight + k * p.cols, p.cols, x_rows, k, block);
+    }
+    for (int64_t j = 0; j < stride / 16; ++j) {
+      const __m512 scale = LoadScales(p, scales + (b * p.cols + 16 * j) * scale_size,
+                                      Mask(p.cols - 16 * j));
+      for (int64_t r = 0; r < rows; ++r) {
+        float* total = partial + r * stride + 16 * j;
+        const __m512 sums = _mm512_load_ps(block + r * stride + 16 * j);
+        _mm512_store_ps(total, first ? _mm512_mul_ps(sums, scale)
+                                     : _mm512_fmadd_ps(sums, scale, _mm512_load_ps(total)));
+      }
+    }
+  }
+}
+
+// SplitDepth<rows> for 1 <= rows <= most.
 template <int64_t most>
-void FewRowsOf(int64_t rows, const Problem& p, const Item& item, const float* const* x_rows,
-               int64_t n0, const __mmask16 masks[3], float* sums) {
+void SplitDepthOf(int64_t rows, const Problem& p, const Item& item, const float* const* x_rows,
+                  float* partial, float* block) {
   if constexpr (most > 0) {
     if (rows == most) {
-      FewRows<most>(p, item, x_rows, n0, masks, sums);
+      SplitDepth<most>(p, item, x_rows, partial, block);
     } else {
-      FewRowsOf<most - 1>(rows, p, item, x_rows, n0, masks, sums);
+      SplitDepthOf<most - 1>(rows, p, item, x_rows, partial, block);
     }
   }
 }
 
-// Thread-local buffers: the packed weight block and an item's sums.
+// float buffers aligned for AVX-512 loads.
+struct AlignedDelete {
+  void operator()(float* data) const { ::operator delete[](data, std::align_val_t{64}); }
+};
+using AlignedFloats = std::unique_ptr<float[], AlignedDelete>;
+AlignedFloats NewAligned(int64_t size) {
+  return AlignedFloats(static_cast<float*>(
+      ::operator new[](std::max<int64_t>(size, 1) * sizeof(float), std::align_val_t{64})));
+}
+
+// Thread-local buffers: the packed weight block and an item's sums, and a
+// few-row item's block sums [kFewRows, Stride(N)] (grown as needed).
 struct Scratch {
   alignas(64) float packed[kDepth * kPanel];
   alignas(64) float sums[kRowChunk * kPanel];
   const float* x_rows[kRowChunk];
+  AlignedFloats block;
+  int64_t block_size = 0;
+
+  float* Block(int64_t size) {
+    if (size > block_size) {
+      block = NewAligned(size);
+      block_size = size;
+    }
+    return block.get();
+  }
 };
 
 void RunItem(const Problem& p, const Item& item, Scratch& scratch) {
@@ -257,18 +314,19 @@ void RunItem(const Problem& p, const Item& item, Scratch& scratch) {
     const int64_t row = p.rows ? std::clamp<int64_t>(p.rows[a], 0, p.x_rows - 1) : a;
     scratch.x_rows[m] = p.x + row * p.depth;
   }
+  if (item.partial >= 0) {
+    SplitDepthOf<kFewRows>(count, p, item, scratch.x_rows, p.partials + item.partial,
+                           scratch.Block(kFewRows * Stride(p.cols)));
+    return;
+  }
   __mmask16 masks[3];
   for (int64_t j = 0; j < 3; ++j) masks[j] = Mask(width - 16 * j);
-  if (count <= kFewRows) {
-    FewRowsOf<kFewRows>(count, p, item, scratch.x_rows, n0, masks, scratch.sums);
-  } else {
-    for (int64_t k0 = 0; k0 < p.depth; k0 += kDepth) {
-      const int64_t depth = std::min(kDepth, p.depth - k0);
-      PackPanel(p, item, k0, depth, n0, width, scratch.packed);
-      for (int64_t m = 0; m < count; m += kTileRows) {
-        TileOf<kTileRows>(std::min(kTileRows, count - m), scratch.x_rows + m, k0,
-                          scratch.packed, depth, scratch.sums + m * kPanel, k0 == 0);
-      }
+  for (int64_t k0 = 0; k0 < p.depth; k0 += kDepth) {
+    const int64_t depth = std::min(kDepth, p.depth - k0);
+    PackPanel(p, item, k0, depth, n0, width, scratch.packed);
+    for (int64_t m = 0; m < count; m += kTileRows) {
+      TileOf<kTileRows>(std::min(kTileRows, count - m), scratch.x_rows + m, k0,
+                        scratch.packed, depth, scratch.sums + m * kPanel, k0 == 0);
     }
   }
   for (int64_t m = 0; m < count; ++m) {
@@ -291,11 +349,41 @@ void RunItem(const Problem& p, const Item& item, Scratch& scratch) {
   }
 }
 
+// Each few-row chunk's rows: the sum of its pieces' partial sums (items 0 ..
+// per_chunk - 1 are the first chunk's pieces, and so on), to their output rows.
+void AddPieces(const Problem& p, const std::vector<Item>& items, int64_t per_chunk) {
+  const int64_t stride = Stride(p.cols);
+  if (per_chunk == 0) {
+    return;
+  }
+  for (size_t i = 0; i + per_chunk <= items.size() && items[i].partial >= 0; i += per_chunk) {
+    const Item& chunk = items[i];
+    for (int64_t m = 0; m < chunk.row_end - chunk.row_begin; ++m) {
+      const int64_t a = chunk.row_begin + m;
+      float* out = p.out + (p.targets ? static_cast<int64_t>(p.targets[a]) : a) * p.cols;
+      const __m512 row_scale = _mm512_set1_ps(p.row_scales ? p.row_scales[a] : 1.0f);
+      for (int64_t j = 0; j < stride / 16; ++j) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t piece = 0; piece < per_chunk; ++piece) {
+          sum = _mm512_add_ps(sum, _mm512_load_ps(p.partials + items[i + piece].partial +
+                                                  m * stride + 16 * j));
+        }
+        const __mmask16 mask = Mask(p.cols - 16 * j);
+        _mm512_mask_storeu_ps(out + 16 * j, mask,
+                              p.targets ? _mm512_fmadd_ps(row_scale, sum,
+                                                          _mm512_maskz_loadu_ps(mask, out + 16 * j))
+                                        : sum);
+      }
+    }
+  }
+}
+
 // The units shared by the caller and its tasks. A task that starts after the
 // last unit was taken finds none and touches no buffer, so the caller may
 // return once every unit is done, whether or not all its tasks have run.
 struct Work {
   Problem problem;
+  AlignedFloats partials;  // the few-row pieces' sums (problem.partials)
   std::vector<Item> items;
   std::vector<int64_t> unit_begin;  // unit u is items unit_begin[u] .. unit_begin[u + 1]
   std::atomic<int64_t> next{0};
@@ -389,11 +477,36 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
     row = end;
   }
-  // Items chunk by chunk, each chunk's panels in a row (its rows of x stay in
-  // cache). Without targets a unit is an item; with targets a unit is one of
-  // `threads` ranges of panels, so that no two threads add to one output
-  // element (more, smaller ranges re-read x more often and measured slower).
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  // Chunks of few rows are cut in depth into pieces, each a unit of its own
+  // summing into its own partial sums, which the caller adds up at the end:
+  // enough pieces to give every thread two, each of kMinPieceRows rows or more.
+  std::vector<Item> pieces;
+  int64_t few = 0;
+  for (const Item& chunk : chunks) few += chunk.row_end - chunk.row_begin <= kFewRows;
+  const int64_t per_chunk =
+      few == 0 ? 0
+               : std::clamp<int64_t>((2 * threads + few - 1) / few, 1,
+                                     std::max<int64_t>(depth / kMinPieceRows, 1));
+  int64_t partial_size = 0;
+  for (const Item& chunk : chunks) {
+    if (chunk.row_end - chunk.row_begin > kFewRows) continue;
+    for (int64_t piece = 0; piece < per_chunk; ++piece) {
+      Item item = chunk;
+      item.k_begin = piece * depth / per_chunk;
+      item.k_end = (piece + 1) * depth / per_chunk;
+      item.partial = partial_size;
+      partial_size += (chunk.row_end - chunk.row_begin) * Stride(cols);
+      work->unit_begin.push_back(work->items.size());
+      work->items.push_back(item);
+    }
+  }
+  work->partials = NewAligned(partial_size);
+  p.partials = work->partials.get();
+  // The other chunks' items chunk by chunk, each chunk's panels in a row (its rows
+  // of x stay in cache). Without targets a unit is an item; with targets a unit
+  // is one of `threads` ranges of panels, so that no two threads add to one output
+  // element (more, smaller ranges re-read x more often and measured slower).
   const int64_t panels = (cols + kPanel - 1) / kPanel;
   const int64_t ranges = scatter ? std::min(panels, threads) : 1;
   for (int64_t range = 0; range < ranges; ++range) {
@@ -403,6 +516,7 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       work->unit_begin.push_back(work->items.size());
     }
     for (const Item& chunk : chunks) {
+      if (chunk.row_end - chunk.row_begin <= kFewRows) continue;
       for (int64_t panel = panel_begin; panel < panel_end; ++panel) {
         if (!scatter) {
           work->unit_begin.push_back(work->items.size());
@@ -435,6 +549,7 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       std::this_thread::yield();
     }
   }
+  AddPieces(p, work->items, per_chunk);
   return ffi::Error::Success();
 }
 
