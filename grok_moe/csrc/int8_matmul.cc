@@ -352,10 +352,10 @@ void RunItem(const Problem& p, const Item& item, Scratch& scratch) {
 // Each few-row chunk's rows: the sum of its pieces' partial sums (items 0 ..
 // per_chunk - 1 are the first chunk's pieces, and so on), to their output rows.
 void AddPieces(const Problem& p, const std::vector<Item>& items, int64_t per_chunk) {
-  const int64_t stride = Stride(p.cols);
   if (per_chunk == 0) {
     return;
   }
+  const int64_t stride = Stride(p.cols);
   for (size_t i = 0; i + per_chunk <= items.size() && items[i].partial >= 0; i += per_chunk) {
     const Item& chunk = items[i];
     for (int64_t m = 0; m < chunk.row_end - chunk.row_begin; ++m) {
@@ -481,7 +481,6 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // Chunks of few rows are cut in depth into pieces, each a unit of its own
   // summing into its own partial sums, which the caller adds up at the end:
   // enough pieces to give every thread two, each of kMinPieceRows rows or more.
-  std::vector<Item> pieces;
   int64_t few = 0;
   for (const Item& chunk : chunks) few += chunk.row_end - chunk.row_begin <= kFewRows;
   const int64_t per_chunk =
@@ -501,8 +500,10 @@ ffi::Error GroupedInt8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       work->items.push_back(item);
     }
   }
-  work->partials = NewAligned(partial_size);
-  p.partials = work->partials.get();
+  if (partial_size > 0) {
+    work->partials = NewAligned(partial_size);
+    p.partials = work->partials.get();
+  }
   // The other chunks' items chunk by chunk, each chunk's panels in a row (its rows
   // of x stay in cache). Without targets a unit is an item; with targets a unit
   // is one of `threads` ranges of panels, so that no two threads add to one output
